@@ -1,0 +1,32 @@
+# The two commands: `make run` starts the relay, `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= conf/openai_model.yaml
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# With env.yaml: relay to the upstream it names. Without: local mode (a bundled fake upstream).
+run: $(STAMP)
+	@if [ -f env.yaml ]; then \
+		exec $(VENV)/bin/relay serve --config $(CONFIG) --port $(PORT); \
+	else \
+		exec $(PY) -m bench.local --config $(CONFIG) --port $(PORT); \
+	fi
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,158 @@
+"""Real sockets only: the relay runs as a real `relay serve` process (uvicorn) on a free port of 127.0.0.1,
+in front of the fake OpenAI upstream of bench/upstream.py, which runs in a thread of the test process so
+each test can script it and read what it received."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bench.upstream import UpstreamThread
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "sk-test-relay-SECRET-0123456789abcdef"
+MODEL = "relay-test-model"
+START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RelayServer:
+    """A relay process under test. `url` is its root, `api_url` what an OpenAI client takes as base_url."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def write_config(directory: Path, upstream_url: str, **overrides: Any) -> tuple[Path, Path]:
+    """A config in the shape of conf/openai_model.yaml, its credentials in an env file beside it."""
+    config = {
+        "openai_base_url": "${policy_base_url}",
+        "openai_api_key": "${policy_api_key}",
+        "openai_model": "${policy_model_name}",
+        "openai_default_headers": {},
+        "extra_body": {},
+        "max_concurrent_requests": None,
+        **overrides,
+    }
+    env = {"policy_base_url": upstream_url, "policy_api_key": API_KEY, "policy_model_name": MODEL}
+    config_path = directory / "relay.yaml"
+    env_path = directory / "env.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env_path.write_text(yaml.safe_dump(env))
+    return config_path, env_path
+
+
+def start_relay(directory: Path, upstream_url: str, *, args: tuple[str, ...] = (), **overrides: Any) -> RelayServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path, env_path = write_config(directory, upstream_url, **overrides)
+    port = free_port()
+    log_path = directory / "relay.log"
+    command = [sys.executable, "-m", "relay", "serve", "--config", str(config_path), "--env-file", str(env_path)]
+    command += ["--port", str(port), *args]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    server = RelayServer(process, port, log_path, overrides)
+    wait_healthy(server)
+    return server
+
+
+def wait_healthy(server: RelayServer) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"relay exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"relay did not become healthy in {START_TIMEOUT} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[UpstreamThread]:
+    with UpstreamThread() as thread:
+        yield thread
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(request: pytest.FixtureRequest) -> None:
+    """Each test starts with an upstream that remembers nothing and answers by its default rules."""
+    if "upstream" in request.fixturenames:
+        request.getfixturevalue("upstream").upstream.reset()
+
+
+@pytest.fixture(scope="session")
+def relay_factory(
+    upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RelayServer]]:
+    """make(**config_overrides) -> a running relay; the same overrides share one process per session."""
+    servers: dict[str, RelayServer] = {}
+
+    def make(*, upstream_url: str | None = None, args: tuple[str, ...] = (), **overrides: Any) -> RelayServer:
+        target = upstream_url or upstream.base_url
+        key = repr((target, args, sorted(overrides.items(), key=lambda kv: kv[0])))
+        server = servers.get(key)
+        if server is None or server.process.poll() is not None:
+            server = start_relay(tmp_path_factory.mktemp("relay"), target, args=args, **overrides)
+            servers[key] = server
+        return server
+
+    yield make
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def relay(relay_factory: Callable[..., RelayServer]) -> RelayServer:
+    """The relay with the seed configuration (no extra_body, no cap) in front of the fake upstream."""
+    return relay_factory()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_proxy_from_environment() -> None:
+    # Tests talk to 127.0.0.1 only; a proxy variable in CI's environment must not reroute them.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        os.environ.pop(name, None)
+    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
