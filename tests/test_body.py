@@ -1,0 +1,71 @@
+"""The two body patches, as a pure function: the model and the extra_body defaults, nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from relay.body import InvalidBody, patch
+
+MODEL = "configured-model"
+
+
+def patched(raw: bytes | str, extra_body: dict | None = None) -> dict:
+    data = raw.encode() if isinstance(raw, str) else raw
+    return json.loads(patch(data, MODEL, extra_body or {}))
+
+
+def test_model_is_overwritten_or_added() -> None:
+    assert patched('{"model": "client-model", "messages": []}') == {"model": MODEL, "messages": []}
+    assert patched('{"messages": []}')["model"] == MODEL
+
+
+def test_extra_body_fills_only_absent_keys_shallowly() -> None:
+    defaults = {"temperature": 0.7, "metadata": {"a": 1, "b": 2}, "top_p": 0.9}
+    body = patched('{"temperature": 0.1, "metadata": {"c": 3}, "seed": null}', defaults | {"seed": 42})
+    assert body["temperature"] == 0.1  # the request wins
+    assert body["metadata"] == {"c": 3}  # a nested object replaces the default whole
+    assert body["seed"] is None  # an explicit null counts as set
+    assert body["top_p"] == 0.9  # absent: the default is added
+
+
+def test_everything_else_is_kept_unknown_fields_included() -> None:
+    raw = {"messages": [{"role": "user", "content": "héllo \u2603 \"q\""}], "x_unknown": {"deep": [1, 2.5, True]}}
+    body = patched(orjson.dumps(raw))
+    assert {k: v for k, v in body.items() if k != "model"} == raw
+
+
+@pytest.mark.parametrize(
+    "literal",
+    ["123456789012345678901234567890", "18446744073709551616", "-9223372036854775809", "18446744073709551615"],
+)
+def test_integers_beyond_64_bits_stay_exact(literal: str) -> None:
+    out = patch(f'{{"seed": {literal}, "note": "e+ in a string"}}'.encode(), MODEL, {})
+    assert json.loads(out)["seed"] == int(literal)
+    assert literal.encode() in out
+
+
+def test_lone_surrogate_escape_survives() -> None:
+    out = patch(b'{"content": "\\ud800 x"}', MODEL, {})
+    assert json.loads(out)["content"] == "\ud800 x"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"", "not valid JSON"),
+        (b"{nope", "not valid JSON"),
+        (b"[1, 2]", "an array"),
+        (b'"text"', "a string"),
+        (b"3", "a number"),
+        (b"null", "null"),
+        (b'{"x": NaN}', "not valid JSON"),
+        (b'{"x": 1e400}', "out of range"),
+        (b'{"x": "\xff"}', "not valid JSON"),
+    ],
+)
+def test_invalid_bodies_are_rejected_with_a_reason(raw: bytes, fragment: str) -> None:
+    with pytest.raises(InvalidBody, match=fragment):
+        patch(raw, MODEL, {})
