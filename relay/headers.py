@@ -49,10 +49,10 @@ def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
 
 
 def upstream_request_headers(client_headers: list[Header]) -> list[tuple[str, str]]:
-    """The client's end-to-end headers, decoded for aiohttp."""
+    """The client's end-to-end headers, decoded for aiohttp (which encodes them back as UTF-8)."""
     dropped = NOT_FORWARDED_UPSTREAM | connection_tokens(client_headers)
     return [
-        (name.decode("latin-1"), value.decode("latin-1"))
+        (name.decode("latin-1"), _utf8_or_latin1(value))
         for name, value in client_headers
         if name not in dropped and not name.startswith(b"proxy-")
     ]
@@ -68,3 +68,12 @@ def client_response_headers(upstream_headers: Iterable[Header]) -> list[Header]:
         if lower not in dropped and not lower.startswith(b"proxy-"):
             kept.append((lower, value))
     return kept
+
+
+def _utf8_or_latin1(value: bytes) -> str:
+    # UTF-8 round-trips through aiohttp byte for byte; bytes that are not UTF-8 cannot, so they go as
+    # their latin-1 reading rather than failing the request.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
