@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
 import sys
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
@@ -18,8 +19,11 @@ import orjson
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from relay.auth import RequireKey
 from relay.client import Upstream
 from relay.config import ConfigError, Settings, load_settings
+from relay.metrics import MetricsEndpoint, metrics
+from relay.observe import Observer
 from relay.proxy import Proxy
 from relay.replies import error_body, send_error, send_json
 
@@ -78,37 +82,64 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, 404, error_body(message, "invalid_request_error", code="unknown_url"))
 
 
-def create_app(settings: Settings) -> Router:
-    upstream = Upstream(settings)
+def create_app(settings: Settings) -> ASGIApp:
+    recorder = metrics() if settings.metrics else None
+    upstream = Upstream(settings, recorder)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = Fixed(orjson.dumps({"status": "ok"}))
     routes = [
-        *(Route(f"/v1{path}", Only(("POST",), Proxy(upstream, path))) for path in API_PATHS),
+        *(Route(f"/v1{path}", Only(("POST",), Proxy(upstream, path, _observer(path, settings)))) for path in API_PATHS),
         Route("/v1/models", Only(_READ, Fixed(orjson.dumps({"object": "list", "data": [model]})))),
         Route("/v1/models/{model_id:path}", Only(_READ, ModelInfo(model))),
         *(Route(path, Only(_READ, healthy)) for path in HEALTH_PATHS),
     ]
+    if settings.metrics:
+        routes.append(Route("/metrics", Only(_READ, MetricsEndpoint())))
 
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:
+        _raise_open_file_limit()
         await upstream.open()
-        cap = settings.max_concurrent_requests or "unlimited"
         log.info(
-            "relay: POST /v1/chat/completions and /v1/responses -> %s as model %s (in-flight cap: %s)",
+            "relay: POST /v1/chat/completions and /v1/responses -> %s as model %s (in-flight cap: %s%s)",
             upstream.base_url,
             settings.openai_model,
-            cap,
+            settings.max_concurrent_requests or "unlimited",
+            ", client keys required" if settings.relay_api_keys else "",
         )
         try:
             yield
         finally:
             await upstream.close()
 
-    return Router(routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
+    app: ASGIApp = Router(routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
+    if settings.relay_api_keys:
+        open_paths = HEALTH_PATHS if settings.metrics_require_auth else (*HEALTH_PATHS, "/metrics")
+        app = RequireKey(app, settings.relay_api_keys, open_paths)
+    return app
+
+
+def _observer(path: str, settings: Settings) -> Observer | None:
+    if not settings.metrics and settings.access_log == "off":
+        return None
+    endpoint = path.strip("/").replace("/", ".")
+    return Observer(endpoint, metrics() if settings.metrics else None, settings.access_log)
+
+
+def _raise_open_file_limit() -> None:
+    """Each relayed request holds two sockets; thousands of streams need more than the usual 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("relay: could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    log.info("relay: open-file limit %d", soft)
 
 
 @functools.cache
-def _app_from_environment() -> Router:
+def _app_from_environment() -> ASGIApp:
     try:
         return create_app(load_settings())
     except ConfigError as exc:

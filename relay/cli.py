@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import os
 import sys
+import tempfile
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--config", default=os.environ.get(CONFIG_ENV, DEFAULT_CONFIG), help="YAML config file")
     serve.add_argument("--env-file", help=f"YAML file for ${{name}} values (default: ./env.yaml, or ${ENV_FILE_ENV})")
     serve.add_argument("--host", help="bind address (default: the config's host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default: the config's port, 8000)")
+    serve.add_argument("--port", type=int, help="port (default: the config's port, 8000; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=1, help="processes; max_concurrent_requests is per process")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
@@ -40,10 +41,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"relay: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker writes its metrics to files here and /metrics adds them up (prometheus-client's
+        # multiprocess mode); it must be set before any worker imports prometheus_client.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
+
     uvicorn.run(
         "relay.app:app",
         host=args.host or settings.host,
-        port=args.port or settings.port,
+        port=settings.port if args.port is None else args.port,
         workers=args.workers,
         log_level=args.log_level,
         log_config=_log_config(args.log_level),
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         server_header=False,
         date_header=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        # On SIGTERM: stop accepting, let in-flight requests and streams finish for this long, then
+        # cancel the rest (their clients see a cut connection) and close the upstream session.
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
 
 

@@ -1,26 +1,66 @@
-"""The process's one aiohttp session to the upstream, and the slots that cap requests in flight."""
+"""The process's one aiohttp session to the upstream, the slots that cap requests in flight, and the
+retry policy: everything the two API endpoints share within a process."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from contextlib import AbstractAsyncContextManager
+import time
 
 import aiohttp
 from yarl import URL
 
 from relay.config import Settings
+from relay.metrics import Metrics
+from relay.retry import Retrier
+
+
+class Slots:
+    """At most `cap` upstream requests in flight (None: no cap); waiters are admitted in FIFO order.
+
+    `async with slots as waited` gives the seconds spent waiting for the slot.
+    """
+
+    def __init__(self, cap: int | None, metrics: Metrics | None) -> None:
+        self._semaphore = asyncio.Semaphore(cap) if cap else None
+        self._in_flight = metrics.in_flight if metrics else None
+        self._waiting = metrics.waiting if metrics else None
+
+    async def __aenter__(self) -> float:
+        waited = 0.0
+        semaphore = self._semaphore
+        if semaphore is not None:
+            if semaphore.locked():
+                waited = await self._wait(semaphore)
+            else:
+                await semaphore.acquire()  # a free slot: acquire() returns without suspending
+        if self._in_flight is not None:
+            self._in_flight.inc()
+        return waited
+
+    async def _wait(self, semaphore: asyncio.Semaphore) -> float:
+        started = time.perf_counter()
+        if self._waiting is not None:
+            self._waiting.inc()
+        try:
+            await semaphore.acquire()
+        finally:
+            if self._waiting is not None:
+                self._waiting.dec()
+        return time.perf_counter() - started
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._in_flight is not None:
+            self._in_flight.dec()
+        if self._semaphore is not None:
+            self._semaphore.release()
 
 
 class Upstream:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None) -> None:
         self.settings = settings
         self.base_url = settings.openai_base_url.rstrip("/")
-        cap = settings.max_concurrent_requests
-        # A plain FIFO semaphore: waiters are admitted in arrival order.
-        self.slots: AbstractAsyncContextManager[object] = (
-            asyncio.Semaphore(cap) if cap else contextlib.nullcontext()
-        )
+        self.slots = Slots(settings.max_concurrent_requests, metrics)
+        self.retrier = Retrier(settings.retry)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -35,7 +75,10 @@ class Upstream:
     async def open(self) -> None:
         s = self.settings
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),  # the relay caps concurrency itself, with slots
+            connector=aiohttp.TCPConnector(
+                limit=0,  # the relay caps concurrency itself, with slots
+                keepalive_timeout=s.upstream_keepalive_seconds,
+            ),
             headers={
                 "Authorization": f"Bearer {s.openai_api_key}",
                 "Content-Type": "application/json",

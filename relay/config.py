@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +31,25 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """Opt-in retries of upstream failures that happen before anything reaches the client."""
+
+    max_attempts: int = 1  # 1 = no retries
+    statuses: frozenset[int] = frozenset({429, 502, 503, 504})
+    backoff: float = 0.5  # first sleep's ceiling (full jitter), doubling each attempt
+    max_backoff: float = 30.0
+    deadline: float = 120.0  # no retry starts later than this after the request arrived
+    # Process-wide budget: retries may add at most this share of the requests (plus a small burst), so
+    # a failing upstream can never be hit by a storm of retries.
+    budget_ratio: float = 0.2
+    budget_burst: int = 20
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_attempts > 1
+
+
+@dataclass(frozen=True)
 class Settings:
     openai_base_url: str
     openai_api_key: str = field(repr=False)
@@ -44,13 +63,17 @@ class Settings:
     connect_timeout: float | None = 10.0
     read_timeout: float | None = 1800.0
     total_timeout: float | None = None
-
-
-_REQUIRED = ("openai_base_url", "openai_api_key", "openai_model")
-_POSITIVE_INT = ("port", "max_request_bytes")
-_OPTIONAL_POSITIVE_INT = ("max_concurrent_requests",)
-_OPTIONAL_SECONDS = ("connect_timeout", "read_timeout", "total_timeout")
-_NON_EMPTY_STR = ("openai_base_url", "openai_api_key", "openai_model", "host")
+    # Shorter than the 5 s after which uvicorn-based upstreams (vLLM, SGLang) close idle connections, so
+    # the relay drops a pooled connection before the upstream does and never reuses a dying one.
+    upstream_keepalive_seconds: float = 4.0
+    shutdown_grace_seconds: float = 30.0
+    relay_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics: bool = True
+    metrics_require_auth: bool = False
+    access_log: str = "off"
+    log_bodies: bool = False
+    timing_header: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings:
@@ -117,64 +140,162 @@ def _lookup(name: str, key: str, variables: Mapping[str, Any], env_path: Path) -
 
 
 def _validate(values: dict[str, Any], path: Path) -> Settings:
-    known = {f.name for f in fields(Settings)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(_CHECKS))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
-    for key in _REQUIRED:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(_CHECKS))})")
+    for key in ("openai_base_url", "openai_api_key", "openai_model"):
         if values.get(key) is None:
             raise ConfigError(f"{path}: {key} is required")
-    present = {key: value for key, value in values.items() if value is not None or key in _nullable()}
-    for key in _NON_EMPTY_STR:
-        if key in present and (not isinstance(present[key], str) or not present[key].strip()):
-            raise ConfigError(f"{path}: {key} must be a non-empty string")
-    for key in _POSITIVE_INT:
-        if key in present and not _is_positive_int(present[key]):
-            raise ConfigError(f"{path}: {key} must be a positive integer")
-    for key in _OPTIONAL_POSITIVE_INT:
-        if present.get(key) is not None and not _is_positive_int(present[key]):
-            raise ConfigError(f"{path}: {key} must be a positive integer or null (no limit)")
-    for key in _OPTIONAL_SECONDS:
-        value = present.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigError(f"{path}: {key} must be a positive number of seconds or null (no limit)")
-        if value is not None:
-            present[key] = float(value)
-    _check_url(present["openai_base_url"], path)
-    present["openai_default_headers"] = _headers(present.get("openai_default_headers"), path)
-    present["extra_body"] = _extra_body(present.get("extra_body"), path)
-    return Settings(**present)
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None and key not in _NULLABLE:
+            continue  # null means the default
+        try:
+            checked[key] = _CHECKS[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key} {exc}") from None
+    return Settings(**checked)
 
 
-def _nullable() -> set[str]:
-    return set(_OPTIONAL_POSITIVE_INT) | set(_OPTIONAL_SECONDS)
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _check_url(url: str, path: Path) -> None:
-    parts = urlsplit(url)
+def _base_url(value: Any) -> str:
+    parts = urlsplit(_text(value))
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{path}: openai_base_url must be an http(s) URL such as https://api.openai.com/v1")
+        raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
     if parts.query or parts.fragment:
-        raise ConfigError(f"{path}: openai_base_url must not carry a query string or fragment")
+        raise ValueError("must not carry a query string or fragment")
+    return value
 
 
-def _headers(value: Any, path: Path) -> Mapping[str, str]:
+def _positive_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError("must be a number of seconds")
+    return float(value)
+
+
+def _timeout(value: Any) -> float | None:
     if value is None:
-        return MappingProxyType({})
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError("must be a positive number of seconds, or null for no limit")
+    return float(value)
+
+
+def _cap(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return _positive_int(value)
+    except ValueError:
+        raise ValueError("must be a positive integer, or null for no cap") from None
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _access_log(value: Any) -> str:
+    if value is False:
+        return "off"
+    if value not in ("off", "plain", "json"):
+        raise ValueError("must be off, plain or json")
+    return value
+
+
+def _headers(value: Any) -> Mapping[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ConfigError(f"{path}: openai_default_headers must map header names to string values")
+        raise ValueError("must map header names to string values")
     if any(k.lower() == "authorization" for k in value):
-        raise ConfigError(f"{path}: openai_default_headers must not set Authorization; use openai_api_key")
+        raise ValueError("must not set Authorization (the relay sends openai_api_key)")
     return MappingProxyType(dict(value))
 
 
-def _extra_body(value: Any, path: Path) -> Mapping[str, Any]:
-    if value is None:
-        return MappingProxyType({})
+def _extra_body(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{path}: extra_body must be a mapping of request fields to default values")
+        raise ValueError("must be a mapping of request fields to default values")
     return MappingProxyType(dict(value))
+
+
+def _api_keys(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # from an environment variable: comma-separated
+        value = [key.strip() for key in value.split(",")]
+    if not isinstance(value, list) or not all(isinstance(k, str) and k.strip() for k in value):
+        raise ValueError("must be a list of non-empty strings, or null to accept any client")
+    return tuple(value)
+
+
+def _retry(value: Any) -> RetryPolicy:
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping such as {max_attempts: 3}")
+    known = {f.name for f in fields(RetryPolicy)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"has an unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+    checks = {
+        "max_attempts": _positive_int,
+        "statuses": _statuses,
+        "backoff": _seconds,
+        "max_backoff": _seconds,
+        "deadline": _seconds,
+        "budget_ratio": _ratio,
+        "budget_burst": _positive_int,
+    }
+    checked = {}
+    for key, item in value.items():
+        try:
+            checked[key] = checks[key](item)
+        except ValueError as exc:
+            raise ValueError(f".{key} {exc}") from None
+    return RetryPolicy(**checked)
+
+
+def _statuses(value: Any) -> frozenset[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and 400 <= v <= 599 for v in value):
+        raise ValueError("must be a list of HTTP error statuses (400-599)")
+    return frozenset(value)
+
+
+def _ratio(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return float(value)
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "openai_base_url": _base_url,
+    "openai_api_key": _text,
+    "openai_model": _text,
+    "openai_default_headers": _headers,
+    "extra_body": _extra_body,
+    "max_concurrent_requests": _cap,
+    "host": _text,
+    "port": _positive_int,
+    "max_request_bytes": _positive_int,
+    "connect_timeout": _timeout,
+    "read_timeout": _timeout,
+    "total_timeout": _timeout,
+    "upstream_keepalive_seconds": _seconds,
+    "shutdown_grace_seconds": _seconds,
+    "relay_api_keys": _api_keys,
+    "metrics": _flag,
+    "metrics_require_auth": _flag,
+    "access_log": _access_log,
+    "log_bodies": _flag,
+    "timing_header": _flag,
+    "retry": _retry,
+}
+# Keys whose null means "no limit" rather than "the default".
+_NULLABLE = frozenset({"max_concurrent_requests", "connect_timeout", "read_timeout", "total_timeout"})

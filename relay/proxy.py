@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import NamedTuple
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
@@ -17,7 +19,9 @@ from yarl import URL
 
 from relay.body import InvalidBody, patch
 from relay.client import Upstream
+from relay.config import Settings
 from relay.headers import client_response_headers, upstream_request_headers
+from relay.observe import Exchange, Observer
 from relay.replies import send_error
 
 log = logging.getLogger("relay")
@@ -33,54 +37,80 @@ class _TooLarge(Exception):
     pass
 
 
+class Failure(NamedTuple):
+    status: int
+    code: str
+    kind: str  # the metrics label
+    message: str
+
+
 class Proxy:
-    def __init__(self, upstream: Upstream, path: str) -> None:
+    def __init__(self, upstream: Upstream, path: str, observer: Observer | None) -> None:
         settings = upstream.settings
         self.upstream = upstream
         self.url = upstream.url(path)
+        self.path = f"/v1{path}"
+        self.observer = observer
         self.model = settings.openai_model
         self.extra_body = settings.extra_body
         self.max_body = settings.max_request_bytes
+        self.timing_header = settings.timing_header
+        self.log_bodies = settings.log_bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = Exchange(self.path, time.perf_counter())
+        try:
+            await self._handle(scope, receive, send, exchange)
+        finally:
+            if self.observer is not None:
+                self.observer.finish(exchange)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         headers = scope["headers"]
         length, content_type = _framing(headers)
         if content_type is not None and content_type.split(b";", 1)[0].strip().lower() != b"application/json":
+            exchange.status = 415
             await send_error(send, 415, "Content-Type must be application/json", code="unsupported_media_type")
             return
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             # Closing the connection is what spares the relay from reading the rest of the body.
-            await self._too_large(send)
+            await self._too_large(send, exchange)
             return
         try:
             raw = await _read_body(receive, self.max_body)
         except _ClientGone:
             return
         except _TooLarge:
-            await self._too_large(send)
+            await self._too_large(send, exchange)
             return
+        exchange.bytes_in = len(raw)
         try:
             body = patch(raw, self.model, self.extra_body)
         except InvalidBody as exc:
+            exchange.status = 400
             await send_error(send, 400, str(exc), code="invalid_json")
             return
+        if self.log_bodies:
+            log.debug("request body to %s: %s", self.path, _redact(body.decode("utf-8", "replace"), self.upstream.settings))
         url = self.url
         if scope["query_string"]:
             url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
-        await self._exchange_until_disconnect(receive, send, url, body, upstream_request_headers(headers))
+        self.upstream.retrier.admit()
+        await self._exchange_until_disconnect(receive, send, url, body, upstream_request_headers(headers), exchange)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, exchange: Exchange) -> None:
+        exchange.status = 413
         message = f"the request body is larger than max_request_bytes ({self.max_body} bytes)"
         await send_error(send, 413, message, code="request_too_large", headers=_CLOSE)
 
     async def _exchange_until_disconnect(
-        self, receive: Receive, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]]
+        self, receive: Receive, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
         try:
-            await self._exchange(send, url, body, headers)
+            await self._exchange(send, url, body, headers, exchange)
         except asyncio.CancelledError:
             if not watcher.done() or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
@@ -90,56 +120,91 @@ class Proxy:
             # completed response (which uvicorn reports as http.disconnect) for a client that left.
             watcher.cancel()
 
-    async def _exchange(self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]]) -> None:
-        async with self.upstream.slots:
-            try:
-                response = await self.upstream.session.post(url, data=body, headers=headers, allow_redirects=False)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                await self._upstream_failed(send, exc)
-                return
-            try:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status,
-                        "headers": client_response_headers(response.raw_headers),
-                    }
-                )
-                await _relay_body(response.content, send)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Returning without the final body message makes uvicorn close the client's connection:
-                # the client sees a truncated body, never a clean end of a partial one.
-                response.close()
-                log.warning("upstream failed mid-body on %s: %s; client connection aborted", url.path, _describe(exc))
-            except BaseException:
-                response.close()  # close, not release: release would drain or pool a half-read connection
-                raise
-            else:
-                response.release()
+    async def _exchange(
+        self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange
+    ) -> None:
+        upstream = self.upstream
+        stale_connection_retried = False
+        while True:
+            async with upstream.slots as waited:
+                exchange.slot_wait += waited
+                exchange.attempts += 1
+                sent = time.perf_counter()
+                try:
+                    response = await upstream.session.post(url, data=body, headers=headers, allow_redirects=False)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    if isinstance(exc, aiohttp.ClientConnectionResetError) and not stale_connection_retried:
+                        # The request could not be written: a pooled connection died just before use.
+                        # Nothing reached the upstream, so this one retry is safe even for a POST.
+                        stale_connection_retried = True
+                        continue
+                    failure = classify(exc, upstream.settings)
+                    exchange.error = failure.kind
+                    delay = upstream.retrier.after_error(exc, exchange.attempts - 1, exchange.started)
+                    if delay is None:
+                        await self._upstream_failed(send, failure, exc, exchange)
+                        return
+                else:
+                    exchange.ttfb = time.perf_counter() - sent
+                    exchange.upstream_status = response.status
+                    delay = upstream.retrier.after_status(
+                        response.status, response.headers, exchange.attempts - 1, exchange.started
+                    )
+                    if delay is None:
+                        await self._relay(response, send, exchange)
+                        return
+                    response.close()  # the retried answer is discarded; its connection is not worth draining
+            log.info("retrying %s in %.2f s (attempt %d failed: %s)", self.path, delay, exchange.attempts,
+                     exchange.error or exchange.upstream_status)
+            await asyncio.sleep(delay)
 
-    async def _upstream_failed(self, send: Send, exc: BaseException) -> None:
-        """The one place that turns an upstream failure before the response into the client's error."""
-        settings = self.upstream.settings
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            status, code = 504, "upstream_timeout"
-            message = f"could not connect to the upstream within connect_timeout ({settings.connect_timeout} s)"
-        elif isinstance(exc, aiohttp.SocketTimeoutError):
-            status, code = 504, "upstream_timeout"
-            message = f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
-        elif isinstance(exc, TimeoutError):
-            status, code = 504, "upstream_timeout"
-            message = f"the upstream did not finish within total_timeout ({settings.total_timeout} s)"
-        elif isinstance(exc, aiohttp.ClientConnectorError):
-            status, code = 502, "upstream_unreachable"
-            message = f"cannot connect to the upstream {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
-        elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-            status, code = 502, "upstream_disconnected"
-            message = "the upstream closed the connection before answering"
+    async def _relay(self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange) -> None:
+        headers = client_response_headers(response.raw_headers)
+        if self.timing_header:
+            headers.append((b"server-timing", _server_timing(exchange)))
+        exchange.request_id = response.headers.get("x-request-id")
+        exchange.status = response.status
+        try:
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            exchange.bytes_out = await _relay_body(response.content, send)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Returning without the final body message makes uvicorn close the client's connection:
+            # the client sees a truncated body, never a clean end of a partial one.
+            response.close()
+            exchange.error = "mid_body"
+            log.warning("upstream failed mid-body on %s: %s; client connection aborted", self.path, _describe(exc))
+        except BaseException:
+            response.close()  # close, not release: release would drain or pool a half-read connection
+            raise
         else:
-            status, code = 502, "bad_upstream_response"
-            message = "the upstream's answer could not be read as HTTP"
-        log.warning("upstream error -> %d: %s (%s)", status, message, _describe(exc))
-        await send_error(send, status, message, type="upstream_error", code=code)
+            response.release()
+
+    async def _upstream_failed(self, send: Send, failure: Failure, exc: BaseException, exchange: Exchange) -> None:
+        exchange.status = failure.status
+        log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, _describe(exc))
+        await send_error(send, failure.status, failure.message, type="upstream_error", code=failure.code)
+
+
+def classify(exc: BaseException, settings: Settings) -> Failure:
+    """The one place that decides what an upstream failure before the response means for the client."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        message = f"could not connect to the upstream within connect_timeout ({settings.connect_timeout} s)"
+        return Failure(504, "upstream_timeout", "connect_timeout", message)
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        message = f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
+        return Failure(504, "upstream_timeout", "read_timeout", message)
+    if isinstance(exc, TimeoutError):
+        message = f"the upstream did not finish within total_timeout ({settings.total_timeout} s)"
+        return Failure(504, "upstream_timeout", "total_timeout", message)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        message = f"cannot resolve the upstream host {exc.host}: {exc.os_error.strerror or exc.os_error}"
+        return Failure(502, "upstream_unreachable", "dns", message)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        message = f"cannot connect to the upstream {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+        return Failure(502, "upstream_unreachable", "refused", message)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)):
+        return Failure(502, "upstream_disconnected", "reset", "the upstream closed the connection before answering")
+    return Failure(502, "bad_upstream_response", "bad_response", "the upstream's answer could not be read as HTTP")
 
 
 def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None]:
@@ -171,13 +236,15 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
 
 
-async def _relay_body(content: aiohttp.StreamReader, send: Send) -> None:
+async def _relay_body(content: aiohttp.StreamReader, send: Send) -> int:
     """Send each chunk as soon as aiohttp has it: no re-chunking, no line splitting, no buffering."""
+    relayed = 0
     while True:
         chunk = await content.readany()
+        relayed += len(chunk)
         if not chunk or content.at_eof():
             await send({"type": "http.response.body", "body": chunk, "more_body": False})
-            return
+            return relayed
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
@@ -187,5 +254,15 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[object]) ->
     task.cancel()
 
 
+def _server_timing(exchange: Exchange) -> bytes:
+    before = (time.perf_counter() - exchange.started - (exchange.ttfb or 0.0)) * 1000
+    upstream = (exchange.ttfb or 0.0) * 1000
+    return f"relay;dur={before:.2f}, upstream;dur={upstream:.2f}".encode()
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _redact(text: str, settings: Settings) -> str:
+    return text.replace(settings.openai_api_key, "[redacted]")

@@ -1,0 +1,89 @@
+"""What one request did (an Exchange), and where that goes when it ends: metrics and the access log.
+
+The proxy fills an Exchange as the request goes; `Observer.finish` runs once, at the end. With metrics
+and the access log both off, the relay builds no Observer and the hot path records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from relay.metrics import Metrics
+
+access_log = logging.getLogger("relay.access")
+
+
+@dataclass(slots=True)
+class Exchange:
+    path: str
+    started: float  # time.perf_counter() when the request arrived
+    bytes_in: int = 0
+    slot_wait: float = 0.0
+    ttfb: float | None = None  # upstream time to response headers
+    status: int = 0  # what the client got; 0 if it left before any answer
+    upstream_status: int | None = None
+    bytes_out: int = 0
+    error: str | None = None  # the kind of upstream failure, if any
+    request_id: str | None = None
+    attempts: int = 0
+
+
+class Observer:
+    def __init__(self, endpoint: str, metrics: Metrics | None, log_format: str) -> None:
+        self.metrics = metrics
+        self.log_format = log_format
+        if metrics is not None:
+            self.by_status: dict[int, object] = {}
+            self.endpoint = endpoint
+            self.ttfb = metrics.ttfb.labels(endpoint)
+            self.duration = metrics.duration.labels(endpoint)
+            self.bytes_in = metrics.bytes_in.labels(endpoint)
+            self.bytes_out = metrics.bytes_out.labels(endpoint)
+
+    def finish(self, exchange: Exchange) -> None:
+        duration = time.perf_counter() - exchange.started
+        if self.metrics is not None:
+            self._record(exchange, duration)
+        if self.log_format != "off":
+            self._log(exchange, duration)
+
+    def _record(self, exchange: Exchange, duration: float) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        counter = self.by_status.get(exchange.status)
+        if counter is None:
+            counter = self.by_status[exchange.status] = metrics.requests.labels(self.endpoint, str(exchange.status))
+        counter.inc()  # type: ignore[attr-defined]
+        self.duration.observe(duration)
+        self.bytes_in.inc(exchange.bytes_in)
+        self.bytes_out.inc(exchange.bytes_out)
+        if exchange.ttfb is not None:
+            self.ttfb.observe(exchange.ttfb)
+        if exchange.slot_wait:
+            metrics.slot_wait.observe(exchange.slot_wait)
+        if exchange.error is not None:
+            metrics.upstream_errors.labels(exchange.error).inc()
+
+    def _log(self, exchange: Exchange, duration: float) -> None:
+        fields = {
+            "method": "POST",
+            "path": exchange.path,
+            "status": exchange.status,
+            "upstream_status": exchange.upstream_status,
+            "duration_ms": round(duration * 1000, 2),
+            "ttfb_ms": None if exchange.ttfb is None else round(exchange.ttfb * 1000, 2),
+            "slot_wait_ms": round(exchange.slot_wait * 1000, 2),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+            "attempts": exchange.attempts,
+            "error": exchange.error,
+            "request_id": exchange.request_id,
+        }
+        if self.log_format == "json":
+            access_log.info(orjson.dumps(fields).decode())
+        else:
+            access_log.info(" ".join(f"{key}={value}" for key, value in fields.items() if value is not None))

@@ -1,0 +1,81 @@
+"""When to try an upstream request again, and how long to wait first.
+
+Retries are opt-in (`retry.max_attempts` > 1) and happen only while nothing has reached the client. Three
+limits keep them from ever becoming a storm: attempts per request, a deadline per request, and a
+process-wide budget that lets retries add at most `budget_ratio` of the request rate (plus a burst).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from relay.config import RetryPolicy
+
+# Failures that mean the upstream did not produce an answer. A read timeout is not among them: the
+# upstream may still be working on the request, and the client has already waited that long.
+_RETRIED_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
+
+
+class Retrier:
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.tokens = float(policy.budget_burst)
+
+    def admit(self) -> None:
+        """A new request earns the budget a fraction of a retry."""
+        if self.policy.enabled:
+            self.tokens = min(self.policy.budget_burst, self.tokens + self.policy.budget_ratio)
+
+    def after_status(self, status: int, headers: Mapping[str, str], attempt: int, started: float) -> float | None:
+        """Seconds to wait before trying again after this response, or None to relay it."""
+        if status not in self.policy.statuses:
+            return None
+        return self._delay(attempt, started, _retry_after(headers))
+
+    def after_error(self, exc: BaseException, attempt: int, started: float) -> float | None:
+        """Seconds to wait before trying again after this failure, or None to report it."""
+        if not isinstance(exc, _RETRIED_ERRORS):
+            return None
+        return self._delay(attempt, started, None)
+
+    def _delay(self, attempt: int, started: float, server_asked: float | None) -> float | None:
+        policy = self.policy
+        if attempt + 1 >= policy.max_attempts or self.tokens < 1:
+            return None
+        ceiling = min(policy.max_backoff, policy.backoff * 2**attempt)
+        delay = random.uniform(0, ceiling)  # full jitter spreads the retries of many clients apart
+        if server_asked is not None:
+            if server_asked > policy.max_backoff:
+                return None  # the upstream asks for a longer pause than allowed: its answer goes to the client
+            delay = max(delay, server_asked)
+        if time.monotonic() + delay - started > policy.deadline:
+            return None
+        self.tokens -= 1
+        return delay
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """OpenAI's retry-after-ms, else Retry-After in seconds or as an HTTP date."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
