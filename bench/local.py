@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
 
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; exiting through SystemExit instead
+    # of the signal's default action lets the `finally` below stop the fake upstream too.
+    signal.signal(signal.SIGTERM, _exit)
     upstream_port = _free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)])
     try:
@@ -40,6 +44,10 @@ def main() -> None:
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _free_port() -> int:

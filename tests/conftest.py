@@ -5,6 +5,7 @@ each test can script it and read what it received."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -37,8 +38,8 @@ class RelayServer:
     """A relay process under test. `url` is its root, `api_url` what an OpenAI client takes as base_url."""
 
     process: subprocess.Popen[bytes]
-    port: int
     log_path: Path
+    port: int = 0
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,22 +85,32 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> tuple[
 def start_relay(directory: Path, upstream_url: str, *, args: tuple[str, ...] = (), **overrides: Any) -> RelayServer:
     directory.mkdir(parents=True, exist_ok=True)
     config_path, env_path = write_config(directory, upstream_url, **overrides)
-    port = free_port()
     log_path = directory / "relay.log"
     command = [sys.executable, "-m", "relay", "serve", "--config", str(config_path), "--env-file", str(env_path)]
-    command += ["--port", str(port), *args]
+    # Port 0: the relay binds a free port itself (no race with other processes), and says which.
+    command += ["--port", "0", *args]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    server = RelayServer(process, port, log_path, overrides)
+    server = RelayServer(process, log_path, config=overrides)
     wait_healthy(server)
     return server
 
 
+_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
 def wait_healthy(server: RelayServer) -> None:
+    """Wait for the relay to say where it listens (when started on port 0) and to answer /health."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"relay exited with {server.process.returncode}:\n{server.log()}")
+        if not server.port:
+            found = _LISTENING.search(server.log())
+            if found is None:
+                time.sleep(0.05)
+                continue
+            server.port = int(found.group(1))
         try:
             with urllib.request.urlopen(f"{server.url}/health", timeout=1) as response:
                 if response.status == 200:
