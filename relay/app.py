@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp.abc
 import orjson
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -82,9 +83,9 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, 404, error_body(message, "invalid_request_error", code="unknown_url"))
 
 
-def create_app(settings: Settings) -> ASGIApp:
+def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None = None) -> ASGIApp:
     recorder = metrics() if settings.metrics else None
-    upstream = Upstream(settings, recorder)
+    upstream = Upstream(settings, recorder, resolver)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = Fixed(orjson.dumps({"status": "ok"}))
     routes = [

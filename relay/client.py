@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import aiohttp
+import aiohttp.abc
 from yarl import URL
 
 from relay.config import Settings
@@ -56,8 +57,11 @@ class Slots:
 
 
 class Upstream:
-    def __init__(self, settings: Settings, metrics: Metrics | None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None, resolver: aiohttp.abc.AbstractResolver | None = None
+    ) -> None:
         self.settings = settings
+        self.resolver = resolver
         self.base_url = settings.openai_base_url.rstrip("/")
         self.slots = Slots(settings.max_concurrent_requests, metrics)
         self.retrier = Retrier(settings.retry)
@@ -78,6 +82,7 @@ class Upstream:
             connector=aiohttp.TCPConnector(
                 limit=0,  # the relay caps concurrency itself, with slots
                 keepalive_timeout=s.upstream_keepalive_seconds,
+                resolver=self.resolver,  # None: aiohttp's default; tests pass one that fails
             ),
             headers={
                 "Authorization": f"Bearer {s.openai_api_key}",

@@ -60,6 +60,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_request_bytes: int = 64 * 1024 * 1024
+    request_body_timeout: float | None = 60.0  # seconds for a client to send its whole body
     connect_timeout: float | None = 10.0
     read_timeout: float | None = 1800.0
     total_timeout: float | None = None
@@ -284,6 +285,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "host": _text,
     "port": _positive_int,
     "max_request_bytes": _positive_int,
+    "request_body_timeout": _timeout,
     "connect_timeout": _timeout,
     "read_timeout": _timeout,
     "total_timeout": _timeout,
@@ -298,4 +300,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "retry": _retry,
 }
 # Keys whose null means "no limit" rather than "the default".
-_NULLABLE = frozenset({"max_concurrent_requests", "connect_timeout", "read_timeout", "total_timeout"})
+_NULLABLE = frozenset(
+    {"max_concurrent_requests", "request_body_timeout", "connect_timeout", "read_timeout", "total_timeout"}
+)

@@ -54,6 +54,7 @@ class Proxy:
         self.model = settings.openai_model
         self.extra_body = settings.extra_body
         self.max_body = settings.max_request_bytes
+        self.body_timeout = settings.request_body_timeout
         self.timing_header = settings.timing_header
         self.log_bodies = settings.log_bodies
 
@@ -77,11 +78,18 @@ class Proxy:
             await self._too_large(send, exchange)
             return
         try:
-            raw = await _read_body(receive, self.max_body)
+            async with asyncio.timeout(self.body_timeout):
+                raw = await _read_body(receive, self.max_body)
         except _ClientGone:
             return
         except _TooLarge:
             await self._too_large(send, exchange)
+            return
+        except TimeoutError:
+            # A client that trickles its body (slowloris) would hold a connection and a task forever.
+            exchange.status = 408
+            message = f"the request body did not arrive within request_body_timeout ({self.body_timeout} s)"
+            await send_error(send, 408, message, code="request_timeout", headers=_CLOSE)
             return
         exchange.bytes_in = len(raw)
         try:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from bench.upstream import Recorded, Responder, UpstreamThread
-from conftest import MODEL, RelayServer
+from tests.servers import MODEL, RelayServer
 
 CLIENTS = 20
 CAP = 3

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from bench.upstream import UpstreamThread
-from conftest import API_KEY, MODEL, ROOT, RelayServer, free_port, start_relay, wait_healthy, write_config
+from tests.clients import CHAT_BODY, exchange, post_bytes
+from tests.servers import API_KEY, MODEL, ROOT, RelayServer, free_port, start_relay, wait_healthy, write_config
 from relay.config import ConfigError, load_settings
-from test_errors import CHAT_BODY, exchange, post_bytes
 
 SECRET = "sk-config-SECRET-do-not-print-7f3a9c"
 RUN_TIMEOUT = 20.0  # a config error exits at once; a config wrongly accepted would serve until killed

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from bench.upstream import Recorded, Responder, UpstreamThread
-from conftest import MODEL, RelayServer
-from test_errors import CHAT_BODY, STREAM_BODY, assert_chat_completion, connect, post, post_bytes
+from tests.clients import CHAT_BODY, STREAM_BODY, assert_chat_completion, connect, post, post_bytes
+from tests.servers import MODEL, RelayServer
 
 STALL = "x-test-stall"  # asks the handler below for half a body and then silence
 PARTIAL = b'{"object":"chat.completion","choices":[{"message":{"content":"'

@@ -17,8 +17,8 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from bench.upstream import Recorded, Responder, UpstreamThread
-from tests.conftest import MODEL, RelayServer
-from tests.test_sdk import requests_seen
+from tests.clients import requests_seen
+from tests.servers import MODEL, RelayServer
 
 TIMEOUT = 30.0
 # How long the client waits for one piece of a lock-step stream before calling it held back, and how

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from bench.upstream import Recorded, Responder, UpstreamThread
-from tests.conftest import API_KEY, MODEL, RelayServer
-from tests.test_sdk import header_values, requests_seen
+from tests.clients import header_values, requests_seen
+from tests.servers import API_KEY, MODEL, RelayServer
 
 TIMEOUT = 10.0
 MAX_LINE = 1 << 20

@@ -15,7 +15,8 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from bench.upstream import Recorded, UpstreamThread
-from tests.conftest import API_KEY, MODEL, RelayServer
+from tests.clients import header_values, requests_seen
+from tests.servers import API_KEY, MODEL, RelayServer
 
 Api = Literal["chat", "responses"]
 Mode = Literal["sync", "async"]
@@ -72,23 +73,6 @@ def ask(
     return asyncio.run(run())
 
 
-# --- shared with test_fidelity.py and test_headers.py ---------------------------------------------
-
-
-def requests_seen(upstream: UpstreamThread, count: int) -> list[Recorded]:
-    """Exactly `count` requests reached the upstream in this test (a relay that retried, followed a
-    redirect or answered by itself shows here); they are returned in arrival order."""
-    seen = list(upstream.upstream.requests)
-    assert len(seen) == count, [request.path for request in seen]
-    return seen
-
-
-def header_values(request: Recorded, name: str) -> list[str]:
-    """Every value of a header, so a duplicate shows as well as an absence."""
-    return [value for key, value in request.headers if key == name]
-
-
-# ------------------------------------------------------------------------------------------------------
 
 
 def assert_relay_credentials(request: Recorded) -> None:

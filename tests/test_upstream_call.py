@@ -17,7 +17,7 @@ from aioresponses import aioresponses
 from multidict import CIMultiDict
 from yarl import URL
 
-from conftest import API_KEY, MODEL
+from tests.servers import API_KEY, MODEL
 from relay.client import Upstream
 from relay.config import Settings
 from relay.proxy import Proxy
