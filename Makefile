@@ -6,15 +6,18 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/openai_model.yaml
 PORT ?= 8000
 PYTEST_ARGS ?=
+DURATION ?=
+REPEATS ?=
+BENCH_ARGS ?=
 
-.PHONY: install run test bench bench-quick clean
+.PHONY: install run test bench bench-quick soak clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 # With env.yaml: relay to the upstream it names. Without: local mode (a bundled fake upstream).
@@ -27,6 +30,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# About three minutes, no network, no credentials: what the relay costs over talking to the upstream
+# directly. Longer: make bench DURATION=5 REPEATS=7. Figures and a plot land in bench/results/.
+bench: $(STAMP)
+	$(PY) -m bench.run $(if $(DURATION),--duration $(DURATION)) $(if $(REPEATS),--repeats $(REPEATS)) $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -16,7 +16,11 @@ Behaviour is driven by request headers, which a relay forwards end to end:
 ``x-fake-headers: {json}``      extra response headers, for any response
 ``x-fake-gzip: 1``              gzip a JSON body (mtime 0, so still deterministic)
 ``x-fake-fault: NAME``          reset-before-headers, hang, reset-mid-body, reset-mid-stream,
-                                stall-mid-stream or close-after-response
+                                stall-mid-stream, close-after-response or close-when-reused
+                                (answer, keep the connection, then close it unread as soon as
+                                the next request arrives on it: the keep-alive race)
+``x-fake-idle-close-ms: F``     after answering, close the kept-alive connection once it has been
+                                idle F ms (what uvicorn does after its timeout_keep_alive, 5 s)
 
 Tests can instead install ``FakeUpstream.handler`` and write each response themselves
 through a ``Responder``. ``UpstreamThread`` runs the server on its own loop for sync code.
@@ -361,7 +365,15 @@ def _success(path: str, body: dict[str, Any], events: int, size: int | None, gzi
 # --- directives ------------------------------------------------------------------------
 
 _FAULTS = frozenset(
-    {"reset-before-headers", "hang", "reset-mid-body", "reset-mid-stream", "stall-mid-stream", "close-after-response"}
+    {
+        "reset-before-headers",
+        "hang",
+        "reset-mid-body",
+        "reset-mid-stream",
+        "stall-mid-stream",
+        "close-after-response",
+        "close-when-reused",
+    }
 )
 
 
@@ -375,6 +387,7 @@ class _Directives:
     gzip: bool = False
     fault: str | None = None
     extra: bytes = b""  # ready-made header lines
+    idle_close: float | None = None  # seconds
 
 
 _NO_DIRECTIVES = _Directives()
@@ -436,6 +449,7 @@ _DIRECTIVES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "x-fake-gzip": ("gzip", _flag),
     "x-fake-fault": ("fault", _fault),
     "x-fake-headers": ("extra", _header_lines),
+    "x-fake-idle-close-ms": ("idle_close", _seconds),
 }
 
 
@@ -483,6 +497,9 @@ class _Wire:
     ending: Ending
     delay: float = 0.0
     gap: float = 0.0
+    # What happens to the connection once it is idle after this answer (see _Connection._arm_idle).
+    idle_close: float | None = None
+    close_when_reused: bool = False
 
 
 def _compose(canned: _Canned, directives: _Directives, request_id: int, keep_alive: bool) -> _Wire:
@@ -509,10 +526,11 @@ def _compose(canned: _Canned, directives: _Directives, request_id: int, keep_ali
             cut: Ending = "abort" if directives.fault == "reset-mid-stream" else "hang"
             return _Wire([head, *half], cut, directives.delay, directives.gap)
     ending: Ending = "close" if close else "finish"
+    idle = (directives.idle_close, directives.fault == "close-when-reused")
     if not canned.streaming:
         # One write per JSON answer: the syscall, not the copy, is what costs at high rates.
-        return _Wire([head + canned.parts[0]], ending, directives.delay)
-    return _Wire([head, *canned.parts], ending, directives.delay, directives.gap)
+        return _Wire([head + canned.parts[0]], ending, directives.delay, 0.0, *idle)
+    return _Wire([head, *canned.parts], ending, directives.delay, directives.gap, *idle)
 
 
 def _plan(request: Recorded, request_id: int, keep_alive: bool) -> _Wire:
@@ -555,6 +573,10 @@ class _Connection(asyncio.Protocol):
         self._closed_locally = False
         self._writable: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
+        # Set by the last answer's x-fake-idle-close-ms / close-when-reused; act once the connection is idle.
+        self._idle_close: float | None = None
+        self._close_when_reused = False
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -568,6 +590,13 @@ class _Connection(asyncio.Protocol):
         self._upstream._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self._disarm_idle()
+        if self._close_when_reused and self._current is None and not self._queue:
+            # The keep-alive race, made deterministic: the server gave up on the connection just as the
+            # client reused it, so the request is never read, let alone answered.
+            self._upstream.unread_closes += 1
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -588,6 +617,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._upstream._connections.discard(self)
+        self._disarm_idle()
         if not self.closed.done():
             self.closed.set_result(None)
         self._wake_writers()
@@ -656,6 +686,7 @@ class _Connection(asyncio.Protocol):
             exchange.task = upstream._spawn(self._serve_custom(exchange, handler))
             return
         wire = _plan(exchange.request, upstream._next_request_id(), exchange.keep_alive)
+        self._idle_close, self._close_when_reused = wire.idle_close, wire.close_when_reused
         if wire.delay or wire.gap:
             exchange.task = upstream._spawn(self._play(exchange, wire))
         else:
@@ -698,6 +729,23 @@ class _Connection(asyncio.Protocol):
             self.close()
         else:
             self._pump()
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """Like uvicorn's keep-alive timeout: a connection idle for `_idle_close` seconds is closed."""
+        idle = self._current is None and not self._queue and not self.transport.is_closing()
+        if idle and self._idle_close is not None and self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self._idle_close, self._close_idle)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _close_idle(self) -> None:
+        self._idle_timer = None
+        self._upstream.idle_closes += 1
+        self.close()
 
     def _finish(self, exchange: _Exchange) -> None:
         if exchange.done:
@@ -801,6 +849,8 @@ class FakeUpstream:
         self.in_flight = 0
         self.max_in_flight = 0
         self.disconnects = 0
+        self.idle_closes = 0  # kept-alive connections closed after x-fake-idle-close-ms of idleness
+        self.unread_closes = 0  # connections closed unread on a new request (close-when-reused)
         self.handler: Handler | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -814,6 +864,8 @@ class FakeUpstream:
         self.requests.clear()
         self.max_in_flight = self.in_flight
         self.disconnects = 0
+        self.idle_closes = 0
+        self.unread_closes = 0
         self.handler = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
