@@ -8,6 +8,7 @@ conf/openai_model.yaml), so importing this module for create_app reads no config
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import resource
 import sys
@@ -100,6 +101,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:
         _raise_open_file_limit()
+        _tune_garbage_collector()
         await upstream.open()
         log.info(
             "relay: POST /v1/chat/completions and /v1/responses -> %s as model %s (in-flight cap: %s%s)",
@@ -125,6 +127,20 @@ def _observer(path: str, settings: Settings) -> Observer | None:
         return None
     endpoint = path.strip("/").replace("/", ".")
     return Observer(endpoint, metrics() if settings.metrics else None, settings.access_log)
+
+
+def _tune_garbage_collector() -> None:
+    """Keep the cyclic garbage collector off the hot path.
+
+    With dozens of requests in flight, the objects they hold alive are enough to cross CPython's default
+    threshold of 700 tracked allocations again and again, so the collector kept walking live requests:
+    about a fifth of the relay's CPU in `make bench`. Relayed requests create next to no cyclic garbage
+    (reference counting frees them), so a high threshold costs little memory; freezing what startup
+    created keeps the rare full collection from walking the imported modules.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _raise_open_file_limit() -> None:

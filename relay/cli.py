@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         server_header=False,
         date_header=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        proxy_headers=False,  # the relay does not use the client's address; X-Forwarded-* parsing is waste
         # On SIGTERM: stop accepting, let in-flight requests and streams finish for this long, then
         # cancel the rest (their clients see a cut connection) and close the upstream session.
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
