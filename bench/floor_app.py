@@ -10,13 +10,12 @@ to the relay's core, like the relay.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import orjson
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from relay.cli import KEEP_ALIVE_SECONDS
+from relay.cli import SERVER_OPTIONS
 
 _SIZE = 1024
 
@@ -68,21 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor_app", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
-    # The same choices as relay/cli.py's uvicorn.run, so the two differ only in the app.
-    uvicorn.run(
-        "bench.floor_app:app",
-        host="127.0.0.1",
-        port=args.port,
-        workers=1,
-        log_level="info",
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        lifespan="on",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-    )
+    # The relay's own server options, so the two differ only in the app.
+    uvicorn.run("bench.floor_app:app", host="127.0.0.1", port=args.port, workers=1, log_level="info", **SERVER_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,19 @@ from relay.config import CONFIG_ENV, DEFAULT_CONFIG, ENV_FILE_ENV, ConfigError, 
 # the client, not the relay, closes an idle connection and never reuses one the relay just closed.
 KEEP_ALIVE_SECONDS = 75
 
+# How the relay runs under uvicorn (bench/floor_app.py runs the stack's floor with the same options).
+SERVER_OPTIONS: dict[str, object] = dict(
+    loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+    http="httptools" if importlib.util.find_spec("httptools") else "h11",
+    lifespan="on",
+    access_log=False,
+    # The upstream's own Server and Date headers pass through; uvicorn's would duplicate them.
+    server_header=False,
+    date_header=False,
+    timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    proxy_headers=False,  # the relay does not use the client's address; X-Forwarded-* parsing is waste
+)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__)
@@ -53,19 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         log_level=args.log_level,
         log_config=_log_config(args.log_level),
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        lifespan="on",
-        access_log=False,
-        # The upstream's own Server and Date headers pass through; uvicorn's would duplicate them.
-        server_header=False,
-        date_header=False,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        proxy_headers=False,  # the relay does not use the client's address; X-Forwarded-* parsing is waste
         # On SIGTERM: stop accepting, let in-flight requests and streams finish for this long, then
         # cancel the rest (their clients see a cut connection) and close the upstream session.
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        **SERVER_OPTIONS,
     )
+
 
 
 def _log_config(level: str) -> dict[str, object]:
