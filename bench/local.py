@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,9 +27,6 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
 
-    # uvicorn re-raises the SIGTERM it handled once it has shut down; exiting through SystemExit instead
-    # of the signal's default action lets the `finally` below stop the fake upstream too.
-    signal.signal(signal.SIGTERM, _exit)
     upstream_port = _free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)])
     try:
@@ -40,14 +36,11 @@ def main() -> None:
             POLICY_BASE_URL=base_url, POLICY_API_KEY="sk-local-mode", POLICY_MODEL_NAME="local-fake-model"
         )
         print(BANNER.format(cwd=os.getcwd(), upstream=base_url, port=args.port), flush=True)
+        # relay serve ends a SIGTERM with SystemExit, so this `finally` stops the fake upstream too.
         cli.main(["serve", "--config", args.config, "--port", str(args.port)])
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)
-
-
-def _exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import signal
 import sys
 import tempfile
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         # multiprocess mode); it must be set before any worker imports prometheus_client.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
 
+    # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is done; this handler turns
+    # that into a clean exit 0 instead of death by signal (which supervisors report as a failure).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "relay.app:app",
         host=args.host or settings.host,
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         **SERVER_OPTIONS,
     )
 
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _log_config(level: str) -> dict[str, object]:

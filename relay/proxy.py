@@ -153,6 +153,7 @@ class Proxy:
                         await self._upstream_failed(send, failure, exc, exchange)
                         return
                 else:
+                    exchange.error = None  # an earlier attempt's failure is not this answer's
                     exchange.ttfb = time.perf_counter() - sent
                     exchange.upstream_status = response.status
                     delay = upstream.retrier.after_status(

@@ -31,6 +31,7 @@ class Retrier:
         if self.policy.enabled:
             self.tokens = min(self.policy.budget_burst, self.tokens + self.policy.budget_ratio)
 
+    # `started` is the request's arrival, in time.perf_counter() seconds.
     def after_status(self, status: int, headers: Mapping[str, str], attempt: int, started: float) -> float | None:
         """Seconds to wait before trying again after this response, or None to relay it."""
         if status not in self.policy.statuses:
@@ -53,7 +54,7 @@ class Retrier:
             if server_asked > policy.max_backoff:
                 return None  # the upstream asks for a longer pause than allowed: its answer goes to the client
             delay = max(delay, server_asked)
-        if time.monotonic() + delay - started > policy.deadline:
+        if time.perf_counter() + delay - started > policy.deadline:
             return None
         self.tokens -= 1
         return delay

@@ -5,7 +5,7 @@ script it and read what it received."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -34,12 +34,19 @@ def relay_factory(
     """make(**config_overrides) -> a running relay; the same overrides share one process per session."""
     servers: dict[str, RelayServer] = {}
 
-    def make(*, upstream_url: str | None = None, args: tuple[str, ...] = (), **overrides: Any) -> RelayServer:
+    def make(
+        *,
+        upstream_url: str | None = None,
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> RelayServer:
         target = upstream_url or upstream.base_url
-        key = repr((target, args, sorted(overrides.items(), key=lambda kv: kv[0])))
+        environment = sorted((env or {}).items())
+        key = repr((target, args, environment, sorted(overrides.items(), key=lambda kv: kv[0])))
         server = servers.get(key)
         if server is None or server.process.poll() is not None:
-            server = start_relay(tmp_path_factory.mktemp("relay"), target, args=args, **overrides)
+            server = start_relay(tmp_path_factory.mktemp("relay"), target, args=args, env=env, **overrides)
             servers[key] = server
         return server
 

@@ -3,17 +3,25 @@ config and env file written for the test, in the shape of conf/openai_model.yaml
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 import yaml
+from starlette.types import ASGIApp
+
+from bench.procs import rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-relay-SECRET-0123456789abcdef"
@@ -47,6 +55,19 @@ class RelayServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 5.0) -> list[re.Match[str]]:
+        """Every match of `pattern` (a regex, multiline) in the log, once there are at least `count`.
+
+        The relay logs after it answered, so a test that just got its reply polls here; a line that never
+        comes fails the test after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(re.finditer(pattern, self.log(), re.MULTILINE))
+            if len(found) >= count:
+                return found
+            assert time.monotonic() < deadline, f"{count} log line(s) matching {pattern!r} not found:\n{self.log()[-3000:]}"
+            time.sleep(0.02)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -76,7 +97,16 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> tuple[
     return config_path, env_path
 
 
-def start_relay(directory: Path, upstream_url: str, *, args: tuple[str, ...] = (), **overrides: Any) -> RelayServer:
+def start_relay(
+    directory: Path,
+    upstream_url: str,
+    *,
+    args: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> RelayServer:
+    """Start `relay serve` with this config; `env` adds variables to the relay's environment (for values
+    that the config takes from the environment)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path, env_path = write_config(directory, upstream_url, **overrides)
     log_path = directory / "relay.log"
@@ -84,7 +114,8 @@ def start_relay(directory: Path, upstream_url: str, *, args: tuple[str, ...] = (
     # Port 0: the relay binds a free port itself (no race with other processes), and says which.
     command += ["--port", "0", *args]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        environment = {**os.environ, **env} if env else None
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = RelayServer(process, log_path, config=overrides)
     wait_healthy(server)
     return server
@@ -113,3 +144,56 @@ def wait_healthy(server: RelayServer) -> None:
             time.sleep(0.05)
     server.stop()
     raise RuntimeError(f"relay did not become healthy in {START_TIMEOUT} s:\n{server.log()}")
+
+
+# --- measuring a relay process, and serving the app in-process -----------------------------------------
+
+
+def relay_rss(server: RelayServer) -> int:
+    """Resident memory of the relay process (VmRSS), what an operator's dashboard would show."""
+    return rss_bytes(server.process.pid)
+
+
+def relay_open_fds(server: RelayServer) -> int:
+    """File descriptors the relay process holds: sockets in both directions, pipes, its log."""
+    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+
+
+def relay_metric(server: RelayServer, name: str) -> float:
+    """The value of an unlabelled metric from the relay's GET /metrics (one process, so one sample)."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+        return metric_value(response.read().decode(), name)
+
+
+def metric_value(text: str, name: str) -> float:
+    """One unlabelled sample from the Prometheus text format."""
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric {name} not found in /metrics")
+
+
+@asynccontextmanager
+async def serve_in_process(app: ASGIApp, timeout: float = START_TIMEOUT) -> AsyncIterator[int]:
+    """Serve `app` with uvicorn on a free port of 127.0.0.1 inside the running loop; yield the port.
+
+    For tests that must hand the app what a config file cannot carry (a resolver that fails, say).
+    """
+    # log_config=None: uvicorn must not reconfigure logging inside the test process.
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if serving.done():
+            await serving  # raises whatever stopped it
+            raise RuntimeError("uvicorn stopped before it started listening")
+        if time.monotonic() > deadline:
+            serving.cancel()
+            raise RuntimeError(f"uvicorn did not start listening within {timeout} s")
+        await asyncio.sleep(0.01)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout)
