@@ -89,8 +89,8 @@ def tables(outcome: dict[str, Any]) -> str:
          "limited by (direct)"],
         rows,
     )]  # fmt: skip
-    parts += ["", _fidelity(outcome), "", _peer(outcome), "", _identity(outcome), _many(outcome), _floor(outcome),
-              _upstream(outcome)]  # fmt: skip
+    parts += ["", _fidelity(outcome), "", _lag(outcome), "", _peer(outcome), "", _identity(outcome), _many(outcome),
+              _floor(outcome), _upstream(outcome)]  # fmt: skip
     parts.append(
         "\nDirect runs are limited by the core the upstream and generator share: nothing else is in their path."
     )
@@ -117,6 +117,31 @@ def _fidelity(outcome: dict[str, Any]) -> str:
         f"{f['events']} deltas; times at the client, ms)",
         ["endpoint", "streams", "TTFB over direct", "added gap p50", "added gap max", "TTFB p50 r/d",
          "gap p50 r/d", "gap max r/d", "bytes identical", "all ok"],
+        rows,
+    )  # fmt: skip
+
+
+def _lag(outcome: dict[str, Any]) -> str:
+    cells = outcome.get("event_loop_lag")
+    if not cells:
+        return "Event-loop stalls: not measured"
+    lag = outcome["settings"]["lag"]
+    rows = []
+    for cell in cells:
+        m = cell["median"]
+        rows.append([
+            cell["transfer"], str(len(cell["runs"])), _num(cell["stall_median_ms"], 1), _num(cell["stall_max_ms"], 1),
+            {True: "yes", False: "NO", None: "-"}[cell["within_target"]], _num(m["transfer_ms"]),
+            f"{_num(m['idle_p50_ms'], 2)}/{_num(m['idle_max_ms'], 1)}", _num(m["probes_busy"]),
+            _num(max(run["relay_cpu_wait_ms"] for run in cell["runs"]), 1),
+        ])  # fmt: skip
+    return _table(
+        f"Event-loop stalls in the relay (a second client sends GET /health back to back on its own keep-alive "
+        f"connection; stall = its longest round trip during the transfer and {lag['margin_s']:g} s after, less its "
+        f"median round trip in the {lag['idle_s']:g} s before; target <= {lag['target_ms']:g} ms; relay CPU wait = "
+        "time other load kept the relay's loop off its core meanwhile; ms)",
+        ["transfer", "repeats", "stall median", "stall max", "within target", "transfer time",
+         "idle RTT p50/max", "probes during", "relay CPU wait max"],
         rows,
     )  # fmt: skip
 

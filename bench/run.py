@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import machine, nginx, report, results, workload
+from bench import lag, machine, nginx, report, results, workload
 from bench.loadgen import LoadSpec, PythonGenerator
 from bench.measure import Generator, measure
 from bench.procs import Cores, Proc, Processes, free_port, raise_fd_limit, wait_listening
@@ -185,7 +185,8 @@ class Bench:
         stream_s = (FIDELITY["delay_ms"] + 20 * FIDELITY["event_delay_ms"]) / 1000  # responses has ~18 events
         peers = 2 if self.nginx_binary else 0
         per_repeat = [d + 0.1] * (2 * len(self._cells()) + 2 + peers) + [stream_s] * (2 * len(self._fidelity_cells()))
-        return [2 * WARMUP_SECONDS, 0.5] + per_repeat * self.args.repeats + [self._many_stream_seconds() + 1]
+        lag_s = [lag.IDLE_SECONDS + lag.MARGIN_SECONDS + 0.5] * 2 * self.args.repeats
+        return [2 * WARMUP_SECONDS, 0.5] + per_repeat * self.args.repeats + lag_s + [self._many_stream_seconds() + 1]
 
     def _many_stream_seconds(self) -> float:
         return MANY_EVENTS * self._many_gap()
@@ -213,6 +214,7 @@ class Bench:
             for index, (endpoint, streams) in enumerate(self._fidelity_cells()):
                 for mode in _order(repeat, index):
                     self._fidelity(endpoint, streams, mode, repeat)
+        self._lag()
         self._many()
         self.progress.finish()
 
@@ -290,6 +292,24 @@ class Bench:
         figures = results.fidelity_figures(timings)
         self.runs.setdefault(("fidelity", endpoint, streams, mode), []).append(figures)
         self.progress.end(f"TTFB p50 {figures['ttfb_p50_ms']:.1f} ms, gap max {figures['gap_max_ms']:.1f} ms")
+
+    def _lag(self) -> None:
+        """The relay's longest event-loop stall while it relays a big body and a big event (bench/lag.py)."""
+        # Relay only: the direct path has no relay loop to stall. Before _many, whose thousands of
+        # streams leave the relay with more memory to manage.
+        probe = lag.Probe(self.procs, self.cores.others, self.relay_port)
+        try:
+            cases = lag.transfers()
+            for repeat in range(self.args.repeats):
+                for case in cases:
+                    self.progress.begin(f"event-loop stall: {case.name} through the relay #{repeat + 1}")
+                    url = self.url("relay", case.endpoint)
+                    figures = _run_async(lag.measure_transfer(probe, self.relay.pid, url, case))
+                    self.runs.setdefault(("lag", case.name), []).append(figures)
+                    self._check_alive()
+                    self.progress.end(f"stall {figures['stall_ms']:.1f} ms, transfer {figures['transfer_ms']:.0f} ms")
+        finally:
+            self.procs.stop(probe.proc)
 
     def _many(self) -> None:
         count = self.args.streams_many
@@ -407,6 +427,13 @@ def _assemble(
             "floor_concurrency": FLOOR_CONCURRENCY,
             "fidelity": {**FIDELITY, "streams": list(args.fidelity_streams)},
             "request_bytes": workload.REQUEST_BYTES,
+            "lag": {
+                "target_ms": lag.TARGET_MS,
+                "request_bytes": lag.REQUEST_BYTES,
+                "event_bytes": lag.EVENT_BYTES,
+                "idle_s": lag.IDLE_SECONDS,
+                "margin_s": lag.MARGIN_SECONDS,
+            },
             "generator": bench.generator.name,
             "generator_version": getattr(bench.generator, "version", ""),
             "cores": {

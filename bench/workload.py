@@ -17,9 +17,9 @@ HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench
 _FILLER = "Summarise the following notes for a colleague who missed the meeting. "
 
 
-def _padded(build: Any) -> dict[str, Any]:
+def _padded(build: Any, size: int = REQUEST_BYTES) -> dict[str, Any]:
     overhead = len(orjson.dumps(build("")))
-    text = (_FILLER * (REQUEST_BYTES // len(_FILLER) + 1))[: max(0, REQUEST_BYTES - overhead)]
+    text = (_FILLER * (size // len(_FILLER) + 1))[: max(0, size - overhead)]
     return build(text)
 
 
@@ -39,7 +39,8 @@ def _responses(text: str) -> dict[str, Any]:
     return {"model": MODEL, "instructions": "You are a concise assistant.", "input": text, "temperature": 0.7}
 
 
-_BODIES = {"chat": _padded(_chat), "responses": _padded(_responses)}
+_BUILDERS = {"chat": _chat, "responses": _responses}
+_BODIES = {endpoint: _padded(build) for endpoint, build in _BUILDERS.items()}
 
 
 def body(endpoint: str, stream: bool = False) -> bytes:
@@ -47,6 +48,11 @@ def body(endpoint: str, stream: bool = False) -> bytes:
     if stream:
         payload["stream"] = True
     return orjson.dumps(payload)
+
+
+def sized_body(endpoint: str, size: int) -> bytes:
+    """A non-stream request of `size` bytes (one long user text): the big-body case, built on demand."""
+    return orjson.dumps(_padded(_BUILDERS[endpoint], size))
 
 
 def headers(events: int | None = None, delay_ms: float = 0, event_delay_ms: float = 0) -> dict[str, str]:
