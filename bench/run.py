@@ -214,8 +214,8 @@ class Bench:
             for index, (endpoint, streams) in enumerate(self._fidelity_cells()):
                 for mode in _order(repeat, index):
                     self._fidelity(endpoint, streams, mode, repeat)
-        self._lag()
         self._many()
+        self._lag()
         self.progress.finish()
 
     def _spec(self, url: str, endpoint: str, stream: bool, concurrency: int, duration: float) -> LoadSpec:
@@ -295,8 +295,8 @@ class Bench:
 
     def _lag(self) -> None:
         """The relay's longest event-loop stall while it relays a big body and a big event (bench/lag.py)."""
-        # Relay only: the direct path has no relay loop to stall. Before _many, whose thousands of
-        # streams leave the relay with more memory to manage.
+        # Relay only: the direct path has no relay loop to stall. After _many, because the big bodies
+        # leave the relay's heap grown (the allocator keeps it), which would distort _many's idle RSS.
         probe = lag.Probe(self.procs, self.cores.others, self.relay_port)
         try:
             cases = lag.transfers()

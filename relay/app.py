@@ -22,6 +22,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.auth import RequireKey
+from relay.body import Patcher
 from relay.client import Upstream
 from relay.config import ConfigError, Settings, load_settings
 from relay.metrics import MetricsEndpoint, metrics
@@ -87,10 +88,14 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None = None) -> ASGIApp:
     recorder = metrics() if settings.metrics else None
     upstream = Upstream(settings, recorder, resolver)
+    patcher = Patcher(settings.openai_model, settings.extra_body, settings.offload_body_bytes)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = Fixed(orjson.dumps({"status": "ok"}))
     routes = [
-        *(Route(f"/v1{path}", Only(("POST",), Proxy(upstream, path, _observer(path, settings)))) for path in API_PATHS),
+        *(
+            Route(f"/v1{path}", Only(("POST",), Proxy(upstream, path, patcher, _observer(path, settings))))
+            for path in API_PATHS
+        ),
         Route("/v1/models", Only(_READ, Fixed(orjson.dumps({"object": "list", "data": [model]})))),
         Route("/v1/models/{model_id:path}", Only(_READ, ModelInfo(model))),
         *(Route(path, Only(_READ, healthy)) for path in HEALTH_PATHS),
@@ -114,6 +119,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
             yield
         finally:
             await upstream.close()
+            patcher.close()
 
     app: ASGIApp = Router(routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
     if settings.relay_api_keys:

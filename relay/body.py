@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import orjson
@@ -32,6 +35,33 @@ def patch(raw: bytes, model: str, extra_body: Mapping[str, Any]) -> bytes:
     if b"e+" in patched and _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY):
         return _patch_exactly(raw, model, extra_body, reason="")
     return patched
+
+
+class Patcher:
+    """Patches bodies for one process: inline, or in a helper process when they are big.
+
+    Parsing and re-serialising megabytes holds the event loop (and, orjson being C that keeps the GIL,
+    any thread) for tens of milliseconds, during which no other stream moves. Bodies of at least
+    `offload_bytes` are patched in a helper process instead, started on first use.
+    """
+
+    def __init__(self, model: str, extra_body: Mapping[str, Any], offload_bytes: int | None) -> None:
+        self.model = model
+        self.extra_body = dict(extra_body)  # a plain dict travels to the helper process
+        self.offload_bytes = offload_bytes
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def __call__(self, raw: bytes) -> bytes:
+        if self.offload_bytes is None or len(raw) < self.offload_bytes:
+            return patch(raw, self.model, self.extra_body)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return await asyncio.get_running_loop().run_in_executor(self._pool, patch, raw, self.model, self.extra_body)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def _apply(request: dict[str, Any], model: str, extra_body: Mapping[str, Any]) -> None:

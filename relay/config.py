@@ -61,6 +61,7 @@ class Settings:
     port: int = 8000
     max_request_bytes: int = 64 * 1024 * 1024
     request_body_timeout: float | None = 60.0  # seconds for a client to send its whole body
+    offload_body_bytes: int | None = 4 * 1024 * 1024  # bodies this big are patched in a helper process
     connect_timeout: float | None = 10.0
     read_timeout: float | None = 1800.0
     total_timeout: float | None = None
@@ -199,7 +200,7 @@ def _cap(value: Any) -> int | None:
     try:
         return _positive_int(value)
     except ValueError:
-        raise ValueError("must be a positive integer, or null for no cap") from None
+        raise ValueError("must be a positive integer, or null for none") from None
 
 
 def _flag(value: Any) -> bool:
@@ -286,6 +287,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "port": _positive_int,
     "max_request_bytes": _positive_int,
     "request_body_timeout": _timeout,
+    "offload_body_bytes": _cap,
     "connect_timeout": _timeout,
     "read_timeout": _timeout,
     "total_timeout": _timeout,
@@ -301,5 +303,12 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 # Keys whose null means "no limit" rather than "the default".
 _NULLABLE = frozenset(
-    {"max_concurrent_requests", "request_body_timeout", "connect_timeout", "read_timeout", "total_timeout"}
+    {
+        "max_concurrent_requests",
+        "offload_body_bytes",
+        "request_body_timeout",
+        "connect_timeout",
+        "read_timeout",
+        "total_timeout",
+    }
 )

@@ -17,7 +17,7 @@ import aiohttp
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from relay.body import InvalidBody, patch
+from relay.body import InvalidBody, Patcher
 from relay.client import Upstream
 from relay.config import Settings
 from relay.headers import client_response_headers, upstream_request_headers
@@ -45,14 +45,13 @@ class Failure(NamedTuple):
 
 
 class Proxy:
-    def __init__(self, upstream: Upstream, path: str, observer: Observer | None) -> None:
+    def __init__(self, upstream: Upstream, path: str, patcher: Patcher, observer: Observer | None) -> None:
         settings = upstream.settings
         self.upstream = upstream
+        self.patch = patcher
         self.url = upstream.url(path)
         self.path = f"/v1{path}"
         self.observer = observer
-        self.model = settings.openai_model
-        self.extra_body = settings.extra_body
         self.max_body = settings.max_request_bytes
         self.body_timeout = settings.request_body_timeout
         self.timing_header = settings.timing_header
@@ -93,7 +92,7 @@ class Proxy:
             return
         exchange.bytes_in = len(raw)
         try:
-            body = patch(raw, self.model, self.extra_body)
+            body = await self.patch(raw)
         except InvalidBody as exc:
             exchange.status = 400
             await send_error(send, 400, str(exc), code="invalid_json")

@@ -136,6 +136,27 @@ def test_integers_beyond_64_bits_reach_upstream_exactly(relay: RelayServer, upst
     assert seen.json()["model"] == MODEL
 
 
+@pytest.mark.parametrize("offload", [None, 64], ids=["inline", "helper-process"])
+def test_patch_is_the_same_inline_and_in_the_helper_process(
+    relay_factory: Callable[..., RelayServer], upstream: UpstreamThread, offload: int | None
+) -> None:
+    # offload_body_bytes=64 sends every body here through the helper process; both must patch alike.
+    relay = relay_factory(offload_body_bytes=offload, extra_body={"temperature": 0.5, "seed": 1})
+    literal = b"123456789012345678901234567890"
+    body = b'{"model": "x", "messages": [{"role": "user", "content": "%b"}], "seed": %b}' % (b"y" * 100, literal)
+
+    assert post(relay.api_url + CHAT, body).status == 200
+    assert post(relay.api_url + CHAT, b'{"messages": [' + b" " * 100 + b"nope").status == 400
+
+    [seen] = requests_seen(upstream, 1)
+    assert literal in seen.body
+    assert {k: v for k, v in seen.json().items() if k != "seed"} == {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "y" * 100}],
+        "temperature": 0.5,
+    }
+
+
 def test_query_string_is_kept_as_sent(relay: RelayServer, upstream: UpstreamThread) -> None:
     response = post(relay.api_url + CHAT + "?a=1&b=%20x", b'{"messages": []}')
 

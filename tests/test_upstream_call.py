@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from tests.servers import API_KEY, MODEL
+from relay.body import Patcher
 from relay.client import Upstream
 from relay.config import Settings
 from relay.proxy import Proxy
@@ -64,7 +65,8 @@ async def call_proxy(client_headers: list[tuple[bytes, bytes]], body: bytes) -> 
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": client_headers, "query_string": b""}
     try:
-        await asyncio.wait_for(Proxy(upstream, "/chat/completions", None)(scope, receive, send), timeout=10)
+        patcher = Patcher(MODEL, {}, None)
+        await asyncio.wait_for(Proxy(upstream, "/chat/completions", patcher, None)(scope, receive, send), timeout=10)
     finally:
         await upstream.close()
     return sent
