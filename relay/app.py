@@ -163,6 +163,12 @@ def _raise_open_file_limit() -> None:
 
 @functools.cache
 def _app_from_environment() -> ASGIApp:
+    # Under the plain uvicorn CLI nothing configures the relay's logger: it writes through uvicorn's.
+    relay_log = logging.getLogger("relay")
+    if not relay_log.handlers:
+        relay_log.handlers = logging.getLogger("uvicorn.error").handlers
+        relay_log.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
+        relay_log.propagate = False
     try:
         return create_app(load_settings())
     except ConfigError as exc:

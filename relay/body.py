@@ -7,6 +7,7 @@ import json
 import multiprocessing
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import orjson
@@ -31,7 +32,10 @@ def patch(raw: bytes, model: str, extra_body: Mapping[str, Any]) -> bytes:
     if not isinstance(request, dict):
         raise InvalidBody(f"the request body must be a JSON object, not {_json_type(request)}")
     _apply(request, model, extra_body)
-    patched = orjson.dumps(request)
+    try:
+        patched = orjson.dumps(request)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
+        return _patch_exactly(raw, model, extra_body, reason="")
     if b"e+" in patched and _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY):
         return _patch_exactly(raw, model, extra_body, reason="")
     return patched
@@ -56,7 +60,12 @@ class Patcher:
             return patch(raw, self.model, self.extra_body)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        return await asyncio.get_running_loop().run_in_executor(self._pool, patch, raw, self.model, self.extra_body)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, patch, raw, self.model, self.extra_body)
+        except BrokenProcessPool:
+            # The helper died (killed, out of memory): start a new one next time, patch this one here.
+            self._pool = None
+            return patch(raw, self.model, self.extra_body)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -76,6 +85,8 @@ def _patch_exactly(raw: bytes, model: str, extra_body: Mapping[str, Any], reason
         request = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
         raise InvalidBody(f"the request body is not valid JSON: {reason}" if reason else "invalid JSON") from None
+    except RecursionError:
+        raise InvalidBody("the request body is nested too deeply") from None
     if not isinstance(request, dict):
         raise InvalidBody(f"the request body must be a JSON object, not {_json_type(request)}")
     _apply(request, model, extra_body)
@@ -83,6 +94,8 @@ def _patch_exactly(raw: bytes, model: str, extra_body: Mapping[str, Any], reason
         return json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:  # a number too large for a double, such as 1e400
         raise InvalidBody("the request body has a number out of range") from None
+    except RecursionError:
+        raise InvalidBody("the request body is nested too deeply") from None
 
 
 def _reject_constant(name: str) -> Any:

@@ -61,6 +61,7 @@ class Settings:
     port: int = 8000
     max_request_bytes: int = 64 * 1024 * 1024
     request_body_timeout: float | None = 60.0  # seconds for a client to send its whole body
+    client_write_timeout: float | None = 300.0  # seconds a client may accept no byte of its response
     offload_body_bytes: int | None = 4 * 1024 * 1024  # bodies this big are patched in a helper process
     connect_timeout: float | None = 10.0
     read_timeout: float | None = 1800.0
@@ -144,7 +145,7 @@ def _lookup(name: str, key: str, variables: Mapping[str, Any], env_path: Path) -
 def _validate(values: dict[str, Any], path: Path) -> Settings:
     unknown = sorted(set(values) - set(_CHECKS))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(_CHECKS))})")
+        raise ConfigError(f"{path}: unknown key {_key_name(unknown[0])!r} (known keys: {', '.join(sorted(_CHECKS))})")
     for key in ("openai_base_url", "openai_api_key", "openai_model"):
         if values.get(key) is None:
             raise ConfigError(f"{path}: {key} is required")
@@ -159,6 +160,20 @@ def _validate(values: dict[str, Any], path: Path) -> Settings:
     return Settings(**checked)
 
 
+def _key_name(key: object) -> str:
+    """An unknown key as far as it looks like a key name: a line such as `openai_api_key:sk-...` (no space
+    after the colon) parses as one long key, and the secret in it must not be echoed."""
+    name = re.match(r"[A-Za-z0-9_.-]*", str(key))
+    shown = name.group(0) if name else ""
+    return shown if shown == str(key) else f"{shown}..."
+
+
+def _port(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535 (0 picks a free port)")
+    return value
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty string")
@@ -171,6 +186,9 @@ def _base_url(value: Any) -> str:
         raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query string or fragment")
+    if parts.username is not None or parts.password is not None:
+        # Credentials in the URL would be logged with it; the key belongs in openai_api_key.
+        raise ValueError("must not carry a user name or password; put the key in openai_api_key")
     return value
 
 
@@ -284,9 +302,10 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "extra_body": _extra_body,
     "max_concurrent_requests": _cap,
     "host": _text,
-    "port": _positive_int,
+    "port": _port,
     "max_request_bytes": _positive_int,
     "request_body_timeout": _timeout,
+    "client_write_timeout": _timeout,
     "offload_body_bytes": _cap,
     "connect_timeout": _timeout,
     "read_timeout": _timeout,
@@ -307,6 +326,7 @@ _NULLABLE = frozenset(
         "max_concurrent_requests",
         "offload_body_bytes",
         "request_body_timeout",
+        "client_write_timeout",
         "connect_timeout",
         "read_timeout",
         "total_timeout",

@@ -27,9 +27,10 @@ class Exchange:
     status: int = 0  # what the client got; 0 if it left before any answer
     upstream_status: int | None = None
     bytes_out: int = 0
-    error: str | None = None  # the kind of upstream failure, if any
+    error: str | None = None  # the kind of upstream failure that ended the request, if any
     request_id: str | None = None
     attempts: int = 0
+    client_gone: bool = False  # the client disconnected or stopped reading before the end
 
 
 class Observer:
@@ -65,8 +66,15 @@ class Observer:
             self.ttfb.observe(exchange.ttfb)
         if exchange.slot_wait:
             metrics.slot_wait.observe(exchange.slot_wait)
-        if exchange.error is not None:
-            metrics.upstream_errors.labels(exchange.error).inc()
+
+    def upstream_failed(self, kind: str) -> None:
+        """Counted as it happens, so a failure that a retry then mends still shows."""
+        if self.metrics is not None:
+            self.metrics.upstream_errors.labels(kind).inc()
+
+    def retrying(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.retries.labels(reason).inc()
 
     def _log(self, exchange: Exchange, duration: float) -> None:
         fields = {
@@ -82,6 +90,7 @@ class Observer:
             "attempts": exchange.attempts,
             "error": exchange.error,
             "request_id": exchange.request_id,
+            "client_gone": exchange.client_gone or None,
         }
         if self.log_format == "json":
             access_log.info(orjson.dumps(fields).decode())

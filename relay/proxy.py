@@ -54,6 +54,7 @@ class Proxy:
         self.observer = observer
         self.max_body = settings.max_request_bytes
         self.body_timeout = settings.request_body_timeout
+        self.write_timeout = settings.client_write_timeout
         self.timing_header = settings.timing_header
         self.log_bodies = settings.log_bodies
 
@@ -115,23 +116,26 @@ class Proxy:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
+        abandon = _Abandon(task)
+        watcher = asyncio.get_running_loop().create_task(_abandon_on_disconnect(receive, abandon))
         try:
-            await self._exchange(send, url, body, headers, exchange)
+            await self._exchange(send, url, body, headers, exchange, abandon)
         except asyncio.CancelledError:
-            if not watcher.done() or task.uncancel() > 0:
+            if abandon.reason is None or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
-            log.debug("client disconnected; upstream request to %s cancelled", url.path)
+            exchange.client_gone = True
+            if exchange.status == 0:
+                exchange.status = 499  # nginx's "client closed request": nothing was sent
+            log.debug("%s on %s; upstream request cancelled", abandon.reason, self.path)
         finally:
             # No await stands between the last send and here, so the watcher cannot mistake the
             # completed response (which uvicorn reports as http.disconnect) for a client that left.
             watcher.cancel()
 
     async def _exchange(
-        self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange
+        self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange, abandon: _Abandon
     ) -> None:
         upstream = self.upstream
-        stale_connection_retried = False
         while True:
             async with upstream.slots as waited:
                 exchange.slot_wait += waited
@@ -140,52 +144,65 @@ class Proxy:
                 try:
                     response = await upstream.session.post(url, data=body, headers=headers, allow_redirects=False)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    if isinstance(exc, aiohttp.ClientConnectionResetError) and not stale_connection_retried:
-                        # The request could not be written: a pooled connection died just before use.
-                        # Nothing reached the upstream, so this one retry is safe even for a POST.
-                        stale_connection_retried = True
-                        continue
                     failure = classify(exc, upstream.settings)
-                    exchange.error = failure.kind
+                    self._failed(exchange, failure.kind)
                     delay = upstream.retrier.after_error(exc, exchange.attempts - 1, exchange.started)
                     if delay is None:
                         await self._upstream_failed(send, failure, exc, exchange)
                         return
+                    reason = failure.kind
                 else:
                     exchange.error = None  # an earlier attempt's failure is not this answer's
                     exchange.ttfb = time.perf_counter() - sent
                     exchange.upstream_status = response.status
-                    delay = upstream.retrier.after_status(
-                        response.status, response.headers, exchange.attempts - 1, exchange.started
-                    )
+                    try:
+                        delay = upstream.retrier.after_status(
+                            response.status, response.headers, exchange.attempts - 1, exchange.started
+                        )
+                    except BaseException:
+                        response.close()
+                        raise
                     if delay is None:
-                        await self._relay(response, send, exchange)
+                        await self._relay(response, send, exchange, abandon)
                         return
                     response.close()  # the retried answer is discarded; its connection is not worth draining
-            log.info("retrying %s in %.2f s (attempt %d failed: %s)", self.path, delay, exchange.attempts,
-                     exchange.error or exchange.upstream_status)
+                    reason = str(response.status)
+            if self.observer is not None:
+                self.observer.retrying(reason)
+            log.info("retrying %s in %.2f s (attempt %d: %s)", self.path, delay, exchange.attempts, reason)
             await asyncio.sleep(delay)
 
-    async def _relay(self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange) -> None:
+    async def _relay(
+        self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange, abandon: _Abandon
+    ) -> None:
         headers = client_response_headers(response.raw_headers)
         if self.timing_header:
             headers.append((b"server-timing", _server_timing(exchange)))
         exchange.request_id = response.headers.get("x-request-id")
         exchange.status = response.status
+        watchdog = _WriteWatchdog(self.write_timeout, exchange, abandon) if self.write_timeout else None
         try:
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            exchange.bytes_out = await _relay_body(response.content, send)
+            await _relay_body(response.content, send, exchange, watchdog)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Returning without the final body message makes uvicorn close the client's connection:
             # the client sees a truncated body, never a clean end of a partial one.
             response.close()
-            exchange.error = "mid_body"
+            self._failed(exchange, "mid_body")
             log.warning("upstream failed mid-body on %s: %s; client connection aborted", self.path, _describe(exc))
         except BaseException:
             response.close()  # close, not release: release would drain or pool a half-read connection
             raise
         else:
             response.release()
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+
+    def _failed(self, exchange: Exchange, kind: str) -> None:
+        exchange.error = kind
+        if self.observer is not None:
+            self.observer.upstream_failed(kind)
 
     async def _upstream_failed(self, send: Send, failure: Failure, exc: BaseException, exchange: Exchange) -> None:
         exchange.status = failure.status
@@ -244,22 +261,68 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
 
 
-async def _relay_body(content: aiohttp.StreamReader, send: Send) -> int:
+async def _relay_body(
+    content: aiohttp.StreamReader, send: Send, exchange: Exchange, watchdog: _WriteWatchdog | None
+) -> None:
     """Send each chunk as soon as aiohttp has it: no re-chunking, no line splitting, no buffering."""
-    relayed = 0
     while True:
         chunk = await content.readany()
-        relayed += len(chunk)
-        if not chunk or content.at_eof():
-            await send({"type": "http.response.body", "body": chunk, "more_body": False})
-            return relayed
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        last = not chunk or content.at_eof()
+        if watchdog is not None:
+            watchdog.sending = True
+        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+        if watchdog is not None:
+            watchdog.sending = False
+        exchange.bytes_out += len(chunk)
+        if last:
+            return
 
 
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[object]) -> None:
+class _Abandon:
+    """Cancels the request's task, once, and remembers why: the relay's own reasons to give up on it."""
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.reason: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.task.cancel()
+
+
+async def _abandon_on_disconnect(receive: Receive, abandon: _Abandon) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    task.cancel()
+    abandon("client disconnected")
+
+
+class _WriteWatchdog:
+    """Gives up on a client that accepts no byte for `timeout` seconds while the relay has one to send.
+
+    uvicorn's send waits for the client's socket to drain, without limit; a client that stopped reading
+    would otherwise hold its concurrency slot and its upstream connection forever.
+    """
+
+    def __init__(self, timeout: float, exchange: Exchange, abandon: _Abandon) -> None:
+        self.sending = False
+        self._exchange = exchange
+        self._stuck_at: int | None = None  # bytes relayed when a check last found a send waiting
+        self._timeout = timeout
+        self._abandon = abandon
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        relayed = self._exchange.bytes_out
+        if self.sending and self._stuck_at == relayed:
+            # A send was waiting at the last check and no byte got through since: a whole period.
+            self._abandon("client stopped reading")
+            return
+        self._stuck_at = relayed if self.sending else None
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def _server_timing(exchange: Exchange) -> bytes:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 
 import orjson
 import pytest
 
-from relay.body import InvalidBody, patch
+from relay.body import InvalidBody, Patcher, patch
 
 MODEL = "configured-model"
 
@@ -69,3 +72,33 @@ def test_lone_surrogate_escape_survives() -> None:
 def test_invalid_bodies_are_rejected_with_a_reason(raw: bytes, fragment: str) -> None:
     with pytest.raises(InvalidBody, match=fragment):
         patch(raw, MODEL, {})
+
+
+@pytest.mark.parametrize("depth", [300, 1000, 100_000])
+def test_deep_nesting_is_patched_or_rejected_never_an_exception(depth: int) -> None:
+    # orjson writes at most 254 levels and reads at most 1024; past that the exact path takes over, and
+    # past Python's recursion limit the body is refused as a 400, not a 500.
+    raw = b'{"tools":' + b"[" * depth + b"]" * depth + b"}"
+    try:
+        assert json.loads(patch(raw, MODEL, {}))["model"] == MODEL
+    except InvalidBody as exc:
+        assert "nested too deeply" in str(exc)
+        assert depth >= 1000
+
+
+def test_patcher_recovers_when_its_helper_process_dies() -> None:
+    async def scenario() -> list[dict]:
+        patcher = Patcher(MODEL, {"seed": 1}, offload_bytes=1)
+        try:
+            first = await patcher(b'{"a": 1}')
+            assert patcher._pool is not None
+            for process in list(patcher._pool._processes.values()):  # the helper dies (OOM killer, say)
+                os.kill(process.pid, signal.SIGKILL)
+                process.join(10)
+            second = await patcher(b'{"a": 2}')
+            third = await patcher(b'{"a": 3}')  # and a new helper takes over
+            return [json.loads(body) for body in (first, second, third)]
+        finally:
+            patcher.close()
+
+    assert asyncio.run(scenario()) == [{"a": a, "model": MODEL, "seed": 1} for a in (1, 2, 3)]

@@ -141,6 +141,12 @@ CONFIG_ERRORS: list[tuple[str, Mapping[str, Any] | str | None, Mapping[str, Any]
     ("authorization-header", valid_config(openai_default_headers={"Authorization": "Bearer ${policy_api_key}"}),
      VALID_ENV, ["{config}", "openai_default_headers", "openai_api_key"]),
     ("env-file-not-yaml", valid_config(), f"policy_api_key: {SECRET}\n  broken: [\n", ["{env}", "not valid YAML"]),
+    # Credentials in the URL would be printed wherever the URL is (the startup line, errors).
+    ("credentials-in-url", valid_config(openai_base_url=f"http://user:{SECRET}@127.0.0.1:9/v1"), VALID_ENV,
+     ["{config}", "openai_base_url", "openai_api_key"]),
+    # A missing space after the colon makes the whole line one unknown key, the secret included.
+    ("secret-in-unknown-key", "openai_base_url: ${{policy_base_url}}\nopenai_model: m\nopenai_api_key:" + SECRET + ":\n",
+     VALID_ENV, ["{config}", "unknown key", "openai_api_key"]),
 ]
 
 

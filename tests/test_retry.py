@@ -30,6 +30,7 @@ from tests.clients import (
     read_reply,
     requests_seen,
     scrape_until,
+    scrape_when_idle,
 )
 from tests.servers import MODEL, RelayServer, free_port
 
@@ -186,7 +187,7 @@ def test_refused_connection_is_retried_then_502(relay_factory: RelayFactory) -> 
     server = relay_factory(upstream_url=f"http://127.0.0.1:{free_port()}/v1", retry=RETRY, access_log="plain")
     assert_openai_error(post(server), 502, "upstream_unreachable")
     # Nobody listens, so the relay's log is the witness: two retries, then one answer after three attempts.
-    retries = server.wait_for_log(r"retrying /v1/chat/completions in [\d.]+ s \(attempt (\d) failed: refused\)", 2)
+    retries = server.wait_for_log(r"retrying /v1/chat/completions in [\d.]+ s \(attempt (\d): refused\)", 2)
     assert [match.group(1) for match in retries] == ["1", "2"]
     (answered,) = server.wait_for_log(r"method=POST .*status=502 .*attempts=(\d+)")
     assert answered.group(1) == "3"
@@ -222,3 +223,20 @@ def test_slot_is_free_while_a_retry_sleeps(patient: RelayServer, upstream: Upstr
     assert_unchanged(reply_a, SUCCESS)
     # Who reached the upstream when: B's request came between A's two attempts.
     assert [seen.header(CLIENT) for seen in requests_seen(upstream, 3)] == ["A", "B", "A"]
+
+
+def test_unreadable_retry_after_date_counts_as_absent(retrying: RelayServer, upstream: UpstreamThread) -> None:
+    # A date past what any clock holds: it must neither crash the exchange nor stop the retry.
+    far = {"retry-after": "Mon, 01 Jan 99999999999 00:00:00 GMT"}
+    upstream.upstream.handler = Script(refusal(429, "first", **far), SUCCESS)
+    assert_unchanged(post(retrying), SUCCESS)
+    requests_seen(upstream, 2)
+
+
+def test_retries_and_the_failures_they_mend_are_counted(retrying: RelayServer, upstream: UpstreamThread) -> None:
+    before = scrape_when_idle(retrying)
+    upstream.upstream.handler = Script(refusal(503, "first"), refusal(429, "second"), SUCCESS)
+    assert_unchanged(post(retrying), SUCCESS)
+    after = scrape_when_idle(retrying)
+    for reason in ("503", "429"):
+        assert after.value("relay_retries_total", reason=reason) - before.value("relay_retries_total", reason=reason) == 1

@@ -1,6 +1,7 @@
 """The relay's own clocks: `total_timeout` bounds a whole exchange (before the response: 504; during the
 body: the client's connection is cut, as for any failure mid-body), and `request_body_timeout` bounds a
-client that never finishes sending its body (408, connection closed, nothing forwarded).
+client that never finishes sending its body (408, connection closed, nothing forwarded), and
+`client_write_timeout` bounds a client that stops reading its response.
 
 (connect_timeout is not tested here: it needs an address that drops SYNs, which 127.0.0.1 never does.)
 """
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.upstream import UpstreamThread
+from bench.upstream import Recorded, Responder, UpstreamThread
 from tests.clients import (
     CHAT,
     CHAT_BODY,
@@ -77,3 +78,27 @@ def test_body_that_arrives_in_time_is_relayed(hasty: RelayServer, upstream: Upst
     assert reply.status == 200
     (seen,) = requests_seen(upstream, 1)
     assert seen.json()["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_client_that_stops_reading_is_given_up_and_frees_its_slot(
+    relay_factory: Callable[..., RelayServer], upstream: UpstreamThread
+) -> None:
+    # The client reads the head and then nothing: the relay's send waits on a full socket. After
+    # client_write_timeout it must let go, or the only slot (cap 1) and the upstream stream stay taken.
+    relay = relay_factory(client_write_timeout=1, max_concurrent_requests=1)
+
+    async def flood(request: Recorded, responder: Responder) -> None:
+        await responder.start(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])
+        event = b"data: " + b"x" * 65536 + b"\n\n"
+        for _ in range(4096):  # 256 MiB at most; the relay must give up long before
+            if responder.closed.done():
+                return
+            await responder.chunk(event)
+
+    upstream.upstream.handler = flood
+    with connect(relay.port) as sock:
+        sock.sendall(post_bytes(STREAM_BODY))
+        assert read_head(sock).status == 200
+        assert upstream.wait_for(lambda u: u.disconnects >= 1, timeout=15), "the relay kept the stalled stream"
+    upstream.upstream.handler = None
+    assert post(relay).status == 200  # the slot is free again
