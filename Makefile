@@ -39,5 +39,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
 
+# Two minutes at high load with 10% upstream faults: RSS, open files and in-flight gauge must come back.
+soak: $(STAMP)
+	SOAK_SECONDS=120 $(PY) -m pytest -s tests/test_soak.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from relay.config import CONFIG_ENV, DEFAULT_CONFIG, ENV_FILE_ENV, ConfigError, load_settings
+from relay.protocol import HEAD_TIMEOUT_ENV, MAX_HEAD_BYTES_ENV
 
 # Longer than the idle time of common clients' pools (httpx, which the openai SDK uses, keeps 5 s), so
 # the client, not the relay, closes an idle connection and never reuses one the relay just closed.
@@ -22,7 +23,8 @@ KEEP_ALIVE_SECONDS = 75
 # How the relay runs under uvicorn (bench/floor_app.py runs the stack's floor with the same options).
 SERVER_OPTIONS: dict[str, object] = dict(
     loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-    http="httptools" if importlib.util.find_spec("httptools") else "h11",
+    # uvicorn's httptools protocol plus a deadline and a size cap for each request's head.
+    http="relay.protocol:GuardedHttpToolsProtocol",
     lifespan="on",
     access_log=False,
     # The upstream's own Server and Date headers pass through; uvicorn's would duplicate them.
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"relay: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    os.environ[HEAD_TIMEOUT_ENV] = str(settings.request_head_timeout)
+    os.environ[MAX_HEAD_BYTES_ENV] = str(settings.max_header_bytes)
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Each worker writes its metrics to files here and /metrics adds them up (prometheus-client's
         # multiprocess mode); it must be set before any worker imports prometheus_client.

@@ -62,6 +62,8 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024
     request_body_timeout: float | None = 60.0  # seconds for a client to send its whole body
     client_write_timeout: float | None = 300.0  # seconds a client may accept no byte of its response
+    request_head_timeout: float = 30.0  # seconds for a request line and headers (relay serve's protocol)
+    max_header_bytes: int = 64 * 1024  # request line and headers together
     offload_body_bytes: int | None = 4 * 1024 * 1024  # bodies this big are patched in a helper process
     connect_timeout: float | None = 10.0
     read_timeout: float | None = 1800.0
@@ -306,6 +308,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_request_bytes": _positive_int,
     "request_body_timeout": _timeout,
     "client_write_timeout": _timeout,
+    "request_head_timeout": _seconds,
+    "max_header_bytes": _positive_int,
     "offload_body_bytes": _cap,
     "connect_timeout": _timeout,
     "read_timeout": _timeout,
