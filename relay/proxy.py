@@ -271,11 +271,12 @@ async def _relay_body(
         if watchdog is not None:
             watchdog.sending = True
         await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-        if watchdog is not None:
-            watchdog.sending = False
         exchange.bytes_out += len(chunk)
         if last:
             return
+        if watchdog is not None:
+            watchdog.sending = False
+            watchdog.arm()
 
 
 class _Abandon:
@@ -310,7 +311,13 @@ class _WriteWatchdog:
         self._stuck_at: int | None = None  # bytes relayed when a check last found a send waiting
         self._timeout = timeout
         self._abandon = abandon
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._check)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """Start watching, from the second send on: uvicorn's send waits only for a drain that an
+        earlier write left pending, so a one-chunk answer (most non-stream ones) never needs a timer."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check)
 
     def _check(self) -> None:
         relayed = self._exchange.bytes_out
@@ -322,7 +329,8 @@ class _WriteWatchdog:
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check)
 
     def stop(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _server_timing(exchange: Exchange) -> bytes:
