@@ -8,7 +8,9 @@ each event when the test says so: what happens after the signal cannot depend on
 
 from __future__ import annotations
 
+import http.client
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +61,17 @@ def wait_until_refused(port: int, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def stream_then_sigterm(sock: socket.socket, server: RelayServer, held: HeldStream) -> http.client.HTTPResponse:
+    """Open a stream through the relay, receive its first event, then send the relay SIGTERM."""
+    sock.sendall(post_bytes(STREAM_BODY))
+    held.let_out(1)
+    response = read_head(sock)
+    assert response.status == 200
+    read_body_until(response, HeldStream.event(0))
+    server.process.send_signal(signal.SIGTERM)
+    return response
+
+
 def exit_code(server: RelayServer) -> int:
     try:
         return server.process.wait(timeout=EXIT_TIMEOUT)
@@ -72,13 +85,7 @@ def test_stream_in_flight_finishes_after_sigterm(own_relay: StartRelay, upstream
     upstream.upstream.handler = held
     try:
         with connect(server.port) as sock:
-            sock.sendall(post_bytes(STREAM_BODY))
-            held.let_out(1)
-            response = read_head(sock)
-            assert response.status == 200
-            read_body_until(response, HeldStream.event(0))
-
-            server.process.send_signal(signal.SIGTERM)
+            response = stream_then_sigterm(sock, server, held)
             wait_until_refused(server.port)
             # Shutdown has begun and is waiting for this stream (uvicorn says so) while the stream is held.
             server.wait_for_log(r"Waiting for connections to close")
@@ -99,12 +106,7 @@ def test_stream_beyond_the_grace_period_is_cut(own_relay: StartRelay, upstream: 
     upstream.upstream.handler = held
     try:
         with connect(server.port) as sock:
-            sock.sendall(post_bytes(STREAM_BODY))
-            held.let_out(1)
-            response = read_head(sock)
-            read_body_until(response, HeldStream.event(0))
-
-            server.process.send_signal(signal.SIGTERM)
+            response = stream_then_sigterm(sock, server, held)
             exit_code(server)  # a bounded wait: the grace period ends it, not the stream
             rest, complete = read_to_end(response)
         assert not complete, "a stream cut by shutdown ended as if complete"
