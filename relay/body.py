@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import multiprocessing
+import signal
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -59,18 +61,33 @@ class Patcher:
         if self.offload_bytes is None or len(raw) < self.offload_bytes:
             return patch(raw, self.model, self.extra_body)
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper)
+        pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, patch, raw, self.model, self.extra_body)
+            return await asyncio.get_running_loop().run_in_executor(pool, patch, raw, self.model, self.extra_body)
         except BrokenProcessPool:
-            # The helper died (killed, out of memory): start a new one next time, patch this one here.
-            self._pool = None
+            # The helper died (killed, out of memory): patch this one here, and start a new helper next
+            # time (unless a request that failed earlier already did).
+            if self._pool is pool:
+                self._pool = None
+                pool.shutdown(wait=False)
             return patch(raw, self.model, self.extra_body)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _start_helper() -> None:
+    """In the helper process: Ctrl-C and shutdown are the relay's to handle, and the helper must not
+    outlive a relay that was killed outright (Linux: the kernel sends it SIGTERM then)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the helper then ends when the relay's pipe to it closes
 
 
 def _apply(request: dict[str, Any], model: str, extra_body: Mapping[str, Any]) -> None:

@@ -308,7 +308,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_request_bytes": _positive_int,
     "request_body_timeout": _timeout,
     "client_write_timeout": _timeout,
-    "request_head_timeout": _seconds,
+    "request_head_timeout": _timeout,
     "max_header_bytes": _positive_int,
     "offload_body_bytes": _cap,
     "connect_timeout": _timeout,

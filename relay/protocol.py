@@ -5,6 +5,9 @@ can hold a connection forever by trickling its headers (slowloris), or grow the 
 bound with endless ones. `max_request_bytes` and `request_body_timeout` guard the body; this guards the
 head. `relay serve` uses it; with the plain uvicorn CLI pass `--http relay.protocol:GuardedHttpToolsProtocol`
 (and RELAY_REQUEST_HEAD_TIMEOUT / RELAY_MAX_HEADER_BYTES in the environment to change the defaults).
+
+It also lets the app abort its connection (scope["relay.abort"]): uvicorn's own close waits for the
+client to read what is buffered, which a client that stopped reading never does.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from relay.replies import error_body
 # and max_header_bytes) arrive the way RELAY_CONFIG does: `relay serve` puts them in the environment.
 HEAD_TIMEOUT_ENV = "RELAY_REQUEST_HEAD_TIMEOUT"
 MAX_HEAD_BYTES_ENV = "RELAY_MAX_HEADER_BYTES"
+ABORT_KEY = "relay.abort"
 
 
 def _reply(status: str, message: str, code: str) -> bytes:
@@ -29,68 +33,106 @@ def _reply(status: str, message: str, code: str) -> bytes:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    _head_timer: asyncio.TimerHandle | None = None
-    _head_bytes = 0
-    _refused = False
-
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # As nginx's client_header_timeout: from the connection's opening (first request) or the first
         # byte of the next request, to the end of the head.
         self.head_timeout = float(os.environ.get(HEAD_TIMEOUT_ENV, "30"))
         self.max_head_bytes = int(os.environ.get(MAX_HEAD_BYTES_ENV, str(64 * 1024)))
+        self._head_open = False  # a request head has begun (or may begin: a new connection) and is not done
+        self._head_bytes = 0  # wire bytes of chunks that ended with the head still open
+        self._parsed_bytes = 0  # request line and complete headers, as parsed
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._head_open = True
         self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # nothing more is parsed, so no request can start after a refusal
+        super().data_received(data)
+        if self._head_open and not self._refused:
+            # The head is still not complete after this chunk, so all of it was head. httptools hands
+            # over a header only once it ends: counting wire bytes is what bounds one that never does.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._too_large()
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
+        self._head_open = True
         self._head_bytes = 0
-        self._arm_head_timer()
+        self._parsed_bytes = 0
+        # A pipelined head that arrives while an answer is still going out is timed from that answer's
+        # end (on_response_complete), so a refusal is never written into the middle of it.
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
+        self._parsed_bytes += len(url)
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        if not self._refused:
-            super().on_header(name, value)
+        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._head_open = False
         self._cancel_head_timer()
+        if self._parsed_bytes > self.max_head_bytes:
+            self._too_large()
+        if self._refused:
+            return
+        self.scope[ABORT_KEY] = self.transport.abort  # type: ignore[literal-required]
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:  # the rest of a chunk is still parsed after a refusal: ignore it
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
         if not self._refused:
-            super().on_headers_complete()
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_open:
+            self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.max_head_bytes and not self._refused:
-            message = f"the request line and headers exceed max_header_bytes ({self.max_head_bytes})"
-            self._refuse(_reply("431 Request Header Fields Too Large", message, "headers_too_large"))
-
     def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
+        if self._head_timer is None and self.head_timeout > 0:
             self._head_timer = self.loop.call_later(self.head_timeout, self._timed_out)
-
-    def _timed_out(self) -> None:
-        message = f"the request line and headers did not arrive within request_head_timeout ({self.head_timeout:g} s)"
-        self._refuse(_reply("408 Request Timeout", message, "request_timeout"))
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, reply: bytes) -> None:
-        # Before the head is complete no ASGI task exists yet: the answer is written here, and the
-        # parser's remaining callbacks for this connection are ignored.
-        self._refused = True
+    def _too_large(self) -> None:
+        message = f"the request line and headers exceed max_header_bytes ({self.max_head_bytes})"
+        self._refuse(_reply("431 Request Header Fields Too Large", message, "headers_too_large"))
+
+    def _timed_out(self) -> None:
         self._head_timer = None
+        message = f"the request line and headers did not arrive within request_head_timeout ({self.head_timeout:g} s)"
+        self._refuse(_reply("408 Request Timeout", message, "request_timeout"))
+
+    def _refuse(self, reply: bytes) -> None:
+        # Before the head is complete no ASGI task exists for it: the answer is written here.
+        self._refused = True
+        self._cancel_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # let the answer in progress finish, then close
+            return
         if not self.transport.is_closing():
             self.transport.write(reply)
             self.transport.close()

@@ -22,11 +22,13 @@ from relay.client import Upstream
 from relay.config import Settings
 from relay.headers import client_response_headers, upstream_request_headers
 from relay.observe import Exchange, Observer
+from relay.protocol import ABORT_KEY
 from relay.replies import send_error
 
 log = logging.getLogger("relay")
 
 _CLOSE = ((b"connection", b"close"),)
+_STOPPED_READING = "client stopped reading"
 
 
 class _ClientGone(Exception):
@@ -104,6 +106,7 @@ class Proxy:
         if scope["query_string"]:
             url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
         self.upstream.retrier.admit()
+        exchange.abort_connection = scope.get(ABORT_KEY)
         await self._exchange_until_disconnect(receive, send, url, body, upstream_request_headers(headers), exchange)
 
     async def _too_large(self, send: Send, exchange: Exchange) -> None:
@@ -126,6 +129,9 @@ class Proxy:
             exchange.client_gone = True
             if exchange.status == 0:
                 exchange.status = 499  # nginx's "client closed request": nothing was sent
+            if abandon.reason == _STOPPED_READING and exchange.abort_connection is not None:
+                # uvicorn's close would wait for the client to read what is buffered: it never will.
+                exchange.abort_connection()
             log.debug("%s on %s; upstream request cancelled", abandon.reason, self.path)
         finally:
             # No await stands between the last send and here, so the watcher cannot mistake the
@@ -299,7 +305,7 @@ async def _abandon_on_disconnect(receive: Receive, abandon: _Abandon) -> None:
 
 
 class _WriteWatchdog:
-    """Gives up on a client that accepts no byte for `timeout` seconds while the relay has one to send.
+    """Gives up on a client when one send to it has not finished for between one and two `timeout`s.
 
     uvicorn's send waits for the client's socket to drain, without limit; a client that stopped reading
     would otherwise hold its concurrency slot and its upstream connection forever.
@@ -323,7 +329,7 @@ class _WriteWatchdog:
         relayed = self._exchange.bytes_out
         if self.sending and self._stuck_at == relayed:
             # A send was waiting at the last check and no byte got through since: a whole period.
-            self._abandon("client stopped reading")
+            self._abandon(_STOPPED_READING)
             return
         self._stuck_at = relayed if self.sending else None
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check)

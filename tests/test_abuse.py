@@ -166,6 +166,18 @@ def test_endless_headers_are_refused_with_431(head_guard_relay: RelayServer, ups
     assert upstream.upstream.requests == []
 
 
+def test_a_header_that_never_ends_is_refused_with_431(head_guard_relay: RelayServer, upstream: UpstreamThread) -> None:
+    # httptools hands a header to uvicorn only once it ends; this one never does, yet grows in memory.
+    with socket.create_connection(("127.0.0.1", head_guard_relay.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+        for _ in range(64):  # 4 MiB at most, in 64 KiB pieces; the cap is 4 KiB
+            if select.select([sock], [], [], 0.05)[0]:
+                break
+            sock.sendall(b"y" * 65536)
+        assert_refused_and_closed(sock, 431, "headers_too_large")
+    assert upstream.upstream.requests == []
+
+
 def test_trickled_body_is_cut_off_with_408_and_closed(
     body_timeout_relay: RelayServer, upstream: UpstreamThread
 ) -> None:

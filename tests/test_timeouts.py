@@ -8,6 +8,7 @@ client that never finishes sending its body (408, connection closed, nothing for
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -28,7 +29,7 @@ from tests.clients import (
     request_head,
     requests_seen,
 )
-from tests.servers import RelayServer
+from tests.servers import RelayServer, relay_open_fds
 
 EVENTS = 30  # at 300 ms apart: 9 s of stream, far beyond the 1 s total
 
@@ -96,9 +97,16 @@ def test_client_that_stops_reading_is_given_up_and_frees_its_slot(
             await responder.chunk(event)
 
     upstream.upstream.handler = flood
+    idle_fds = relay_open_fds(relay)
     with connect(relay.port) as sock:
         sock.sendall(post_bytes(STREAM_BODY))
         assert read_head(sock).status == 200
         assert upstream.wait_for(lambda u: u.disconnects >= 1, timeout=15), "the relay kept the stalled stream"
+        # And the client's socket is dropped too, though the client still reads nothing: a close that
+        # waited for it to drain its buffer would hold the connection for as long as the client lives.
+        deadline = time.monotonic() + 10
+        while relay_open_fds(relay) > idle_fds and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert relay_open_fds(relay) <= idle_fds, "the relay still holds the stalled client's connection"
     upstream.upstream.handler = None
     assert post(relay).status == 200  # the slot is free again
