@@ -89,9 +89,10 @@ class Upstream:
                 "Content-Type": "application/json",
                 **s.openai_default_headers,
             },
-            # aiohttp would add its own User-Agent and Accept-Encoding; the client's (or none) go instead,
-            # so a client that did not ask for gzip never receives it.
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # aiohttp would add its own Accept, Accept-Encoding and User-Agent; the client's (or none) go
+            # instead, so the upstream sees what the client sent and a client that did not ask for gzip
+            # never receives it.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             # aiohttp's default is a 300 s total, which would cut a reasoning model that thinks longer.

@@ -39,11 +39,11 @@ class Raw:
 
 
 def _session() -> aiohttp.ClientSession:
-    # No Accept-Encoding or User-Agent of aiohttp's own: the request carries exactly the test's headers,
-    # and a gzip body stays gzip.
+    # No Accept, Accept-Encoding or User-Agent of aiohttp's own: the request carries exactly the test's
+    # headers, and a gzip body stays gzip.
     return aiohttp.ClientSession(
         auto_decompress=False,
-        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
         timeout=aiohttp.ClientTimeout(total=TIMEOUT),
     )
 
@@ -199,7 +199,9 @@ def test_no_accept_encoding_added_when_client_sent_none(
     assert response.status == 200
     assert "content-encoding" not in response.headers
     [seen] = requests_seen(upstream, 1)
-    assert seen.header("accept-encoding") is None
+    # Nor any other header of aiohttp's own (it adds Accept and User-Agent where a request has none).
+    for header in ("accept-encoding", "accept", "user-agent"):
+        assert seen.header(header) is None, header
 
 
 # --- no buffering, proved by lock step ------------------------------------------------------------
