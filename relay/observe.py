@@ -7,7 +7,6 @@ and the access log both off, the relay builds no Observer and the hot path recor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,6 @@ class Exchange:
     request_id: str | None = None
     attempts: int = 0
     client_gone: bool = False  # the client disconnected or stopped reading before the end
-    abort_connection: Callable[[], None] | None = None  # from relay.protocol: drops the client's connection
 
 
 class Observer:

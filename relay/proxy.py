@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
@@ -106,8 +107,8 @@ class Proxy:
         if scope["query_string"]:
             url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
         self.upstream.retrier.admit()
-        exchange.abort_connection = scope.get(ABORT_KEY)
-        await self._exchange_until_disconnect(receive, send, url, body, upstream_request_headers(headers), exchange)
+        forwarded = upstream_request_headers(headers)
+        await self._exchange_until_disconnect(receive, send, url, body, forwarded, exchange, scope.get(ABORT_KEY))
 
     async def _too_large(self, send: Send, exchange: Exchange) -> None:
         exchange.status = 413
@@ -115,7 +116,14 @@ class Proxy:
         await send_error(send, 413, message, code="request_too_large", headers=_CLOSE)
 
     async def _exchange_until_disconnect(
-        self, receive: Receive, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange
+        self,
+        receive: Receive,
+        send: Send,
+        url: URL,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        exchange: Exchange,
+        abort_connection: Callable[[], None] | None,  # from relay.protocol, when it serves the request
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -129,9 +137,9 @@ class Proxy:
             exchange.client_gone = True
             if exchange.status == 0:
                 exchange.status = 499  # nginx's "client closed request": nothing was sent
-            if abandon.reason == _STOPPED_READING and exchange.abort_connection is not None:
+            if abandon.reason == _STOPPED_READING and abort_connection is not None:
                 # uvicorn's close would wait for the client to read what is buffered: it never will.
-                exchange.abort_connection()
+                abort_connection()
             log.debug("%s on %s; upstream request cancelled", abandon.reason, self.path)
         finally:
             # No await stands between the last send and here, so the watcher cannot mistake the
