@@ -39,34 +39,29 @@ NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
 }
 
 
-def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
-    """Header names listed in Connection, which are hop-by-hop for this message too."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(tokens)
-
-
-def upstream_request_headers(client_headers: list[Header]) -> list[tuple[str, str]]:
+def upstream_request_headers(client_headers: Iterable[Header]) -> list[tuple[str, str]]:
     """The client's end-to-end headers, decoded for aiohttp (which encodes them back as UTF-8)."""
-    dropped = NOT_FORWARDED_UPSTREAM | connection_tokens(client_headers)
-    return [
-        (name.decode("latin-1"), _utf8_or_latin1(value))
-        for name, value in client_headers
-        if name not in dropped and not name.startswith(b"proxy-")
-    ]
+    kept = _end_to_end(client_headers, NOT_FORWARDED_UPSTREAM)
+    return [(name.decode("latin-1"), _utf8_or_latin1(value)) for name, value in kept]
 
 
 def client_response_headers(upstream_headers: Iterable[Header]) -> list[Header]:
-    """The upstream's response headers minus hop-by-hop ones, ready for ASGI."""
-    upstream_headers = tuple(upstream_headers)
-    dropped = HOP_BY_HOP | connection_tokens(upstream_headers)
+    """The upstream's response headers minus hop-by-hop ones, with lower-case names for ASGI."""
+    return _end_to_end(upstream_headers, HOP_BY_HOP)
+
+
+def _end_to_end(headers: Iterable[Header], dropped: frozenset[bytes]) -> list[Header]:
     kept = []
-    for name, value in upstream_headers:
-        lower = name.lower()
-        if lower not in dropped and not lower.startswith(b"proxy-"):
-            kept.append((lower, value))
+    named: set[bytes] = set()  # what Connection headers list, which are hop-by-hop for this message too
+    for name, value in headers:
+        name = name.lower()
+        if name in dropped or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named.update(token.strip().lower() for token in value.split(b","))
+            continue
+        kept.append((name, value))
+    if named:  # one pass in the usual case: a Connection header is rare, and names little
+        kept = [header for header in kept if header[0] not in named]
     return kept
 
 

@@ -6,14 +6,17 @@ bound with endless ones. `max_request_bytes` and `request_body_timeout` guard th
 head. `relay serve` uses it; with the plain uvicorn CLI pass `--http relay.protocol:GuardedHttpToolsProtocol`
 (and RELAY_REQUEST_HEAD_TIMEOUT / RELAY_MAX_HEADER_BYTES in the environment to change the defaults).
 
-It also lets the app abort its connection (scope["relay.abort"]): uvicorn's own close waits for the
-client to read what is buffered, which a client that stopped reading never does.
+It also tells the app about the client's connection (scope["relay.client"], a ClientConnection): whether
+the body has all arrived, so the app needs no deadline for it; a call when the connection is lost, so the
+app needs no task waiting on `receive` to notice; and a way to abort it, since uvicorn's own close waits for
+the client to read what is buffered, which a client that stopped reading never does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -23,7 +26,35 @@ from relay.replies import error_body
 # and max_header_bytes) arrive the way RELAY_CONFIG does: `relay serve` puts them in the environment.
 HEAD_TIMEOUT_ENV = "RELAY_REQUEST_HEAD_TIMEOUT"
 MAX_HEAD_BYTES_ENV = "RELAY_MAX_HEADER_BYTES"
-ABORT_KEY = "relay.abort"
+CLIENT_KEY = "relay.client"
+
+
+class ClientConnection:
+    """One request's view of its client connection, set up by the protocol for the app."""
+
+    __slots__ = ("abort", "body_complete", "lost", "_on_lost")
+
+    def __init__(self, abort: Callable[[], None]) -> None:
+        self.abort = abort  # close now, dropping whatever the client has not read
+        self.body_complete = False  # the whole request body has arrived
+        self.lost = False
+        self._on_lost: Callable[[], None] | None = None
+
+    def watch(self, on_lost: Callable[[], None]) -> None:
+        """Call `on_lost` once if the connection is lost (at once if it already is), until unwatch()."""
+        if self.lost:
+            on_lost()
+        else:
+            self._on_lost = on_lost
+
+    def unwatch(self) -> None:
+        self._on_lost = None
+
+    def connection_lost(self) -> None:
+        self.lost = True
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
 
 
 def _reply(status: str, message: str, code: str) -> bytes:
@@ -44,6 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed_bytes = 0  # request line and complete headers, as parsed
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._client: ClientConnection | None = None  # the latest request's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -60,6 +92,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes:
                 self._too_large()
+            elif self.cycle is None or self.cycle.response_complete:
+                # Only a head split across chunks needs the timer (most arrive whole, and pay nothing).
+                # A pipelined head that arrives while an answer is still going out is timed from that
+                # answer's end (on_response_complete), so a refusal is never written into the middle of it.
+                self._arm_head_timer()
 
     def on_message_begin(self) -> None:
         if self._refused:
@@ -68,10 +105,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_open = True
         self._head_bytes = 0
         self._parsed_bytes = 0
-        # A pipelined head that arrives while an answer is still going out is timed from that answer's
-        # end (on_response_complete), so a refusal is never written into the middle of it.
-        if self.cycle is None or self.cycle.response_complete:
-            self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         self._parsed_bytes += len(url)
@@ -88,7 +121,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._too_large()
         if self._refused:
             return
-        self.scope[ABORT_KEY] = self.transport.abort  # type: ignore[literal-required]
+        self._client = ClientConnection(self.transport.abort)
+        self.scope[CLIENT_KEY] = self._client  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -98,6 +132,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if not self._refused:
             super().on_message_complete()
+            if self._client is not None:
+                self._client.body_complete = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -107,6 +143,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+        # What uvicorn tells through http.disconnect, and to the same request: the latest one (with
+        # pipelining, not one still answering ahead of it).
+        if self._client is not None and self.cycle is not None and not self.cycle.response_complete:
+            self._client.connection_lost()
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None and self.head_timeout > 0:

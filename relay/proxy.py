@@ -2,8 +2,8 @@
 
 One request: read the body (bounded), patch model and extra_body, take a concurrency slot, post to the
 same path under the upstream base URL, then relay status, headers and body chunks as they arrive. The
-response bytes are never inspected, so SSE, JSON and gzip all pass through the same loop. A watcher task
-turns the client's disconnect into cancellation, which closes the upstream connection and frees the slot.
+response bytes are never inspected, so SSE, JSON and gzip all pass through the same loop. The client's
+disconnect becomes cancellation, which closes the upstream connection and frees the slot.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from relay.client import Upstream
 from relay.config import Settings
 from relay.headers import client_response_headers, upstream_request_headers
 from relay.observe import Exchange, Observer
-from relay.protocol import ABORT_KEY
+from relay.protocol import CLIENT_KEY, ClientConnection
 from relay.replies import send_error
 
 log = logging.getLogger("relay")
@@ -70,6 +70,7 @@ class Proxy:
                 self.observer.finish(exchange)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+        client: ClientConnection | None = scope.get(CLIENT_KEY)  # None unless relay.protocol serves it
         headers = scope["headers"]
         length, content_type = _framing(headers)
         if content_type is not None and content_type.split(b";", 1)[0].strip().lower() != b"application/json":
@@ -80,9 +81,10 @@ class Proxy:
             # Closing the connection is what spares the relay from reading the rest of the body.
             await self._too_large(send, exchange)
             return
+        # A body that has all arrived (most do, with the head) needs no deadline.
+        deadline = None if client is not None and client.body_complete else self.body_timeout
         try:
-            async with asyncio.timeout(self.body_timeout):
-                raw = await _read_body(receive, self.max_body)
+            raw = await _read_body(receive, self.max_body, deadline)
         except _ClientGone:
             return
         except _TooLarge:
@@ -108,7 +110,7 @@ class Proxy:
             url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
         self.upstream.retrier.admit()
         forwarded = upstream_request_headers(headers)
-        await self._exchange_until_disconnect(receive, send, url, body, forwarded, exchange, scope.get(ABORT_KEY))
+        await self._exchange_until_disconnect(receive, send, url, body, forwarded, exchange, client)
 
     async def _too_large(self, send: Send, exchange: Exchange) -> None:
         exchange.status = 413
@@ -123,12 +125,12 @@ class Proxy:
         body: bytes,
         headers: list[tuple[str, str]],
         exchange: Exchange,
-        abort_connection: Callable[[], None] | None,  # from relay.protocol, when it serves the request
+        client: ClientConnection | None,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         abandon = _Abandon(task)
-        watcher = asyncio.get_running_loop().create_task(_abandon_on_disconnect(receive, abandon))
+        stop_watching = _watch_disconnect(client, receive, abandon)
         try:
             await self._exchange(send, url, body, headers, exchange, abandon)
         except asyncio.CancelledError:
@@ -137,14 +139,14 @@ class Proxy:
             exchange.client_gone = True
             if exchange.status == 0:
                 exchange.status = 499  # nginx's "client closed request": nothing was sent
-            if abandon.reason == _STOPPED_READING and abort_connection is not None:
+            if abandon.reason == _STOPPED_READING and client is not None:
                 # uvicorn's close would wait for the client to read what is buffered: it never will.
-                abort_connection()
+                client.abort()
             log.debug("%s on %s; upstream request cancelled", abandon.reason, self.path)
         finally:
             # No await stands between the last send and here, so the watcher cannot mistake the
             # completed response (which uvicorn reports as http.disconnect) for a client that left.
-            watcher.cancel()
+            stop_watching()
 
     async def _exchange(
         self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange, abandon: _Abandon
@@ -256,7 +258,14 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | 
     return length, content_type
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int, timeout: float | None) -> bytes:
+    if timeout is None:
+        return await _read_chunks(receive, limit)
+    async with asyncio.timeout(timeout):
+        return await _read_chunks(receive, limit)
+
+
+async def _read_chunks(receive: Receive, limit: int) -> bytes:
     chunks = []
     size = 0
     while True:
@@ -305,11 +314,24 @@ class _Abandon:
             self.reason = reason
             self.task.cancel()
 
+    def client_left(self) -> None:
+        self("client disconnected")
+
+
+def _watch_disconnect(client: ClientConnection | None, receive: Receive, abandon: _Abandon) -> Callable[[], None]:
+    """Abandon the request when its client disconnects; returns what stops the watch."""
+    if client is not None:
+        client.watch(abandon.client_left)  # relay.protocol calls it from connection_lost
+        return client.unwatch
+    # Under plain uvicorn only a pending receive() hears of the disconnect, so a task waits in one.
+    watcher = asyncio.get_running_loop().create_task(_abandon_on_disconnect(receive, abandon))
+    return watcher.cancel
+
 
 async def _abandon_on_disconnect(receive: Receive, abandon: _Abandon) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    abandon("client disconnected")
+    abandon.client_left()
 
 
 class _WriteWatchdog:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bench.upstream import UpstreamThread
-from tests.servers import RelayServer, start_relay
+from tests.servers import RELAY_SERVE, RelayServer, start_relay
 
 
 @pytest.fixture(scope="session")
@@ -39,14 +39,16 @@ def relay_factory(
         upstream_url: str | None = None,
         args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        launcher: str = RELAY_SERVE,
         **overrides: Any,
     ) -> RelayServer:
         target = upstream_url or upstream.base_url
         environment = sorted((env or {}).items())
-        key = repr((target, args, environment, sorted(overrides.items(), key=lambda kv: kv[0])))
+        key = repr((target, args, environment, launcher, sorted(overrides.items(), key=lambda kv: kv[0])))
         server = servers.get(key)
         if server is None or server.process.poll() is not None:
-            server = start_relay(tmp_path_factory.mktemp("relay"), target, args=args, env=env, **overrides)
+            directory = tmp_path_factory.mktemp("relay")
+            server = start_relay(directory, target, args=args, env=env, launcher=launcher, **overrides)
             servers[key] = server
         return server
 

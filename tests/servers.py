@@ -22,6 +22,7 @@ import yaml
 from starlette.types import ASGIApp
 
 from bench.procs import rss_bytes
+from relay.config import CONFIG_ENV, ENV_FILE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-relay-SECRET-0123456789abcdef"
@@ -97,22 +98,33 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> tuple[
     return config_path, env_path
 
 
+# How the relay is started: its own command, or the plain uvicorn CLI (which serves it without
+# relay.protocol, so the app watches the connection through ASGI alone).
+RELAY_SERVE = "relay serve"
+PLAIN_UVICORN = "uvicorn"
+
+
 def start_relay(
     directory: Path,
     upstream_url: str,
     *,
     args: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
+    launcher: str = RELAY_SERVE,
     **overrides: Any,
 ) -> RelayServer:
-    """Start `relay serve` with this config; `env` adds variables to the relay's environment (for values
+    """Start the relay with this config; `env` adds variables to the relay's environment (for values
     that the config takes from the environment)."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path, env_path = write_config(directory, upstream_url, **overrides)
     log_path = directory / "relay.log"
-    command = [sys.executable, "-m", "relay", "serve", "--config", str(config_path), "--env-file", str(env_path)]
     # Port 0: the relay binds a free port itself (no race with other processes), and says which.
-    command += ["--port", "0", *args]
+    if launcher == PLAIN_UVICORN:
+        command = [sys.executable, "-m", "uvicorn", "relay.app:app", "--host", "127.0.0.1", "--port", "0", *args]
+        env = {CONFIG_ENV: str(config_path), ENV_FILE_ENV: str(env_path), **(env or {})}
+    else:
+        command = [sys.executable, "-m", "relay", "serve", "--config", str(config_path), "--env-file", str(env_path)]
+        command += ["--port", "0", *args]
     with log_path.open("wb") as log:
         environment = {**os.environ, **env} if env else None
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)

@@ -17,16 +17,17 @@ import pytest
 
 from bench.upstream import Recorded, Responder, UpstreamThread
 from tests.clients import CHAT_BODY, STREAM_BODY, assert_chat_completion, connect, post, post_bytes
-from tests.servers import MODEL, RelayServer
+from tests.servers import MODEL, PLAIN_UVICORN, RELAY_SERVE, RelayServer
 
 STALL = "x-test-stall"  # asks the handler below for half a body and then silence
 PARTIAL = b'{"object":"chat.completion","choices":[{"message":{"content":"'
 FULL = orjson.dumps({"object": "chat.completion", "model": MODEL, "choices": []})
 
 
-@pytest.fixture(scope="module")
-def single_slot_relay(relay_factory: Callable[..., RelayServer]) -> RelayServer:
-    return relay_factory(max_concurrent_requests=1)
+# Under relay serve the protocol reports the disconnect; under plain uvicorn a pending receive() does.
+@pytest.fixture(scope="module", params=[RELAY_SERVE, PLAIN_UVICORN])
+def single_slot_relay(relay_factory: Callable[..., RelayServer], request: pytest.FixtureRequest) -> RelayServer:
+    return relay_factory(max_concurrent_requests=1, launcher=request.param)
 
 
 def read_until(sock: socket.socket, marker: bytes, limit: int = 64 * 1024) -> bytes:

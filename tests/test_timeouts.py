@@ -29,7 +29,7 @@ from tests.clients import (
     request_head,
     requests_seen,
 )
-from tests.servers import RelayServer, relay_open_fds
+from tests.servers import PLAIN_UVICORN, RELAY_SERVE, RelayServer, relay_open_fds
 
 EVENTS = 30  # at 300 ms apart: 9 s of stream, far beyond the 1 s total
 
@@ -58,7 +58,12 @@ def test_total_timeout_cuts_a_slow_stream(hasty: RelayServer, upstream: Upstream
     assert upstream.wait_for(lambda u: u.disconnects >= 1)
 
 
-def test_stalled_request_body_is_408(hasty: RelayServer, upstream: UpstreamThread) -> None:
+# The body's deadline is the app's own, whether or not relay.protocol serves the request.
+@pytest.mark.parametrize("launcher", [RELAY_SERVE, PLAIN_UVICORN])
+def test_stalled_request_body_is_408(
+    relay_factory: Callable[..., RelayServer], upstream: UpstreamThread, launcher: str
+) -> None:
+    hasty = relay_factory(total_timeout=1, request_body_timeout=1, launcher=launcher)
     with connect(hasty.port) as sock:
         # Content-Length 100, then only 10 bytes, then nothing: a client that stalled (or a slowloris).
         sock.sendall(request_head("POST", CHAT, {"Content-Type": "application/json"}, length=100) + CHAT_BODY[:10])
