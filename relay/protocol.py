@@ -72,7 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.max_head_bytes = int(os.environ.get(MAX_HEAD_BYTES_ENV, str(64 * 1024)))
         self._head_open = False  # a request head has begun (or may begin: a new connection) and is not done
         self._head_bytes = 0  # wire bytes of chunks that ended with the head still open
-        self._parsed_bytes = 0  # request line and complete headers, as parsed
+        self._chunk_bytes = 0  # size of the chunk being parsed
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._client: ClientConnection | None = None  # the latest request's
@@ -85,6 +85,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # nothing more is parsed, so no request can start after a refusal
+        self._chunk_bytes = len(data)
         super().data_received(data)
         if self._head_open and not self._refused:
             # The head is still not complete after this chunk, so all of it was head. httptools hands
@@ -104,20 +105,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_open = True
         self._head_bytes = 0
-        self._parsed_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._parsed_bytes += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._cancel_head_timer()
-        if self._parsed_bytes > self.max_head_bytes:
+        # A head that ends in this chunk is at most the earlier chunks plus this one: measured only when
+        # that could be over the limit (a big first chunk), so the usual request counts nothing.
+        limit = self.max_head_bytes
+        if self._head_bytes + self._chunk_bytes > limit and self._parsed_head_bytes() > limit:
             self._too_large()
         if self._refused:
             return
@@ -147,6 +142,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # pipelining, not one still answering ahead of it).
         if self._client is not None and self.cycle is not None and not self.cycle.response_complete:
             self._client.connection_lost()
+
+    def _parsed_head_bytes(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)  # ": ", CRLF
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None and self.head_timeout > 0:
