@@ -121,6 +121,8 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
         finally:
             await upstream.close()
             patcher.close()
+            if recorder is not None:
+                recorder.flush()  # the last second's requests, into the files other workers' scrapes read
 
     app: ASGIApp = Router(routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
     if settings.relay_api_keys:

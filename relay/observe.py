@@ -37,35 +37,16 @@ class Observer:
     def __init__(self, endpoint: str, metrics: Metrics | None, log_format: str) -> None:
         self.metrics = metrics
         self.log_format = log_format
-        if metrics is not None:
-            self.by_status: dict[int, object] = {}
-            self.endpoint = endpoint
-            self.ttfb = metrics.ttfb.labels(endpoint)
-            self.duration = metrics.duration.labels(endpoint)
-            self.bytes_in = metrics.bytes_in.labels(endpoint)
-            self.bytes_out = metrics.bytes_out.labels(endpoint)
+        self.requests = metrics.endpoint(endpoint) if metrics is not None else None
 
     def finish(self, exchange: Exchange) -> None:
         duration = time.perf_counter() - exchange.started
-        if self.metrics is not None:
-            self._record(exchange, duration)
+        if self.requests is not None:
+            self.requests.record(
+                exchange.status, duration, exchange.ttfb, exchange.bytes_in, exchange.bytes_out, exchange.slot_wait
+            )
         if self.log_format != "off":
             self._log(exchange, duration)
-
-    def _record(self, exchange: Exchange, duration: float) -> None:
-        metrics = self.metrics
-        assert metrics is not None
-        counter = self.by_status.get(exchange.status)
-        if counter is None:
-            counter = self.by_status[exchange.status] = metrics.requests.labels(self.endpoint, str(exchange.status))
-        counter.inc()  # type: ignore[attr-defined]
-        self.duration.observe(duration)
-        self.bytes_in.inc(exchange.bytes_in)
-        self.bytes_out.inc(exchange.bytes_out)
-        if exchange.ttfb is not None:
-            self.ttfb.observe(exchange.ttfb)
-        if exchange.slot_wait:
-            metrics.slot_wait.observe(exchange.slot_wait)
 
     def upstream_failed(self, kind: str) -> None:
         """Counted as it happens, so a failure that a retry then mends still shows."""
