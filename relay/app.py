@@ -7,6 +7,7 @@ conf/openai_model.yaml), so importing this module for create_app reads no config
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import logging
@@ -25,7 +26,7 @@ from relay.auth import RequireKey
 from relay.body import Patcher
 from relay.client import Upstream
 from relay.config import ConfigError, Settings, load_settings
-from relay.metrics import MetricsEndpoint, metrics
+from relay.metrics import MetricsEndpoint, keep_flushing, metrics
 from relay.observe import Observer
 from relay.proxy import Proxy
 from relay.replies import error_body, send_error, send_json
@@ -87,7 +88,12 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 
 def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None = None) -> ASGIApp:
     recorder = metrics() if settings.metrics else None
-    upstream = Upstream(settings, recorder, resolver)
+    upstream = Upstream(settings, resolver)
+
+    def flush_metrics() -> None:
+        if recorder is not None:
+            recorder.flush(upstream.slots.in_flight, upstream.slots.waiting)
+
     patcher = Patcher(settings.openai_model, settings.extra_body, settings.offload_body_bytes)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = Fixed(orjson.dumps({"status": "ok"}))
@@ -101,7 +107,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
         *(Route(path, Only(_READ, healthy)) for path in HEALTH_PATHS),
     ]
     if settings.metrics:
-        routes.append(Route("/metrics", Only(_READ, MetricsEndpoint())))
+        routes.append(Route("/metrics", Only(_READ, MetricsEndpoint(flush_metrics))))
 
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:
@@ -109,6 +115,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
         _raise_open_file_limit()
         _tune_garbage_collector()
         await upstream.open()
+        flushing = asyncio.create_task(keep_flushing(flush_metrics)) if recorder is not None else None
         log.info(
             "relay: POST /v1/chat/completions and /v1/responses -> %s as model %s (in-flight cap: %s%s)",
             upstream.base_url,
@@ -119,10 +126,11 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
         try:
             yield
         finally:
+            if flushing is not None:
+                flushing.cancel()
             await upstream.close()
             patcher.close()
-            if recorder is not None:
-                recorder.flush()  # the last second's requests, into the files other workers' scrapes read
+            flush_metrics()  # the last second's requests, into the files other workers' scrapes read
 
     app: ASGIApp = Router(routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
     if settings.relay_api_keys:

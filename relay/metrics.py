@@ -4,11 +4,11 @@ With several workers, `relay serve` points PROMETHEUS_MULTIPROC_DIR at a fresh d
 workers start, and /metrics then adds up the files of every worker (prometheus-client's multiprocess
 mode). Metric objects are process-wide, as the registry is: they are created once, on first use.
 
-A finished request is tallied in plain numbers (EndpointMetrics.record) and handed to prometheus-client in
-batches: each of its calls takes a lock and walks several objects, and the five a request needs cost the
-hot path more than the rest of its bookkeeping together. A batch goes at most FLUSH_SECONDS after the
-request, and /metrics flushes its own process first: one worker's scrape is exact, another worker's
-figures are at most that old. Gauges and the rare failure counters are updated as they change.
+The hot path counts in plain numbers (EndpointMetrics.record, the slot counts of relay.client) and
+Metrics.flush hands them to prometheus-client every FLUSH_SECONDS: each prometheus-client call takes a
+lock and walks several objects, and the seven a request needed cost more than the rest of its
+bookkeeping together. /metrics flushes its own process first, so one worker's scrape is exact and
+another worker's figures are at most FLUSH_SECONDS old. The rare failure counters count as they happen.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -62,7 +63,9 @@ class Metrics:
             self._endpoints[label] = EndpointMetrics(self, label)
         return self._endpoints[label]
 
-    def flush(self) -> None:
+    def flush(self, in_flight: int, waiting: int) -> None:
+        self.in_flight.set(in_flight)
+        self.waiting.set(waiting)
         for endpoint in self._endpoints.values():
             endpoint.flush()
 
@@ -82,7 +85,6 @@ class EndpointMetrics:
         self._timings: list[tuple[float, float | None, float]] = []  # duration, ttfb, slot wait
         self._received = 0
         self._relayed = 0
-        self._timer: asyncio.TimerHandle | None = None
 
     def record(
         self, status: int, duration: float, ttfb: float | None, bytes_in: int, bytes_out: int, slot_wait: float
@@ -91,13 +93,8 @@ class EndpointMetrics:
         self._timings.append((duration, ttfb, slot_wait))
         self._received += bytes_in
         self._relayed += bytes_out
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         for status, count in self._statuses.items():
             if status not in self._requests:
                 self._requests[status] = self._metrics.requests.labels(self._label, str(status))
@@ -121,11 +118,21 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+async def keep_flushing(flush: Callable[[], None]) -> None:
+    """The app runs this as a task for as long as it serves."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        flush()
+
+
 class MetricsEndpoint:
     """GET /metrics in the Prometheus text format."""
 
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self.flush = flush  # this process's counts, into prometheus-client
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics().flush()
+        self.flush()
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

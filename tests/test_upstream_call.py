@@ -48,7 +48,7 @@ def settings() -> Settings:
 
 async def call_proxy(client_headers: list[tuple[bytes, bytes]], body: bytes) -> list[dict[str, Any]]:
     """Run the relay's endpoint as an ASGI app on one request; return what it sent to the client."""
-    upstream = Upstream(settings(), None)
+    upstream = Upstream(settings())
     await upstream.open()
     sent: list[dict[str, Any]] = []
     messages = [{"type": "http.request", "body": body, "more_body": False}]
