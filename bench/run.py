@@ -6,7 +6,7 @@ app get one core to themselves; the upstream, the load generator and this proces
 figure is measured through the relay and directly against the upstream in the same run, interleaved
 (the order alternates), repeated, and reported as the median of the repeats.
 
-    python -m bench.run [--quick] [--duration S] [--repeats N] [--streams-many 1000|10000]
+    python -m bench.run [--quick] [--duration S] [--cpu-duration S] [--repeats N] [--streams-many 1000|10000]
 """
 
 from __future__ import annotations
@@ -56,7 +56,12 @@ openai_model: ${bench_model}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer points, short durations (< 30 s)")
-    parser.add_argument("--duration", type=float, help="seconds per load run (default 1.2; --quick 0.5)")
+    parser.add_argument("--duration", type=float, help="seconds per load run (default 1.0; --quick 0.5)")
+    parser.add_argument(
+        "--cpu-duration",
+        type=float,
+        help="seconds per run whose CPU per request makes the floor ratios: relay at c=64, floor (default 2.5)",
+    )
     parser.add_argument("--repeats", type=int, help="repeats of every measurement (default 5; --quick 1)")
     parser.add_argument("--concurrency", help="comma-separated, for non-stream (default 1,16,64,256; --quick 1,64)")
     parser.add_argument("--streams-many", type=int, help="slow streams held open at once (default 1000; --quick 200)")
@@ -71,12 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx peer even when it is installed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the JSON and PNG go")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (0.5 if args.quick else 1.2)
+    args.duration = args.duration or (0.5 if args.quick else 1.0)
+    # A burst of other load on a shared machine moves a short run's CPU per request by 10-20 %; longer
+    # windows for the runs behind the ratios average such bursts out.
+    args.cpu_duration = args.cpu_duration or (args.duration if args.quick else 2.5)
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.concurrency = [int(c) for c in (args.concurrency or ("1,64" if args.quick else "1,16,64,256")).split(",")]
     args.streams_many = args.streams_many or (200 if args.quick else 1000)
     args.fidelity_streams = (1, 8) if args.quick else (1, 32)
-    if args.duration <= 0 or args.repeats < 1 or min(args.concurrency) < 1 or args.streams_many < 1:
+    if min(args.duration, args.cpu_duration) <= 0 or args.repeats < 1 or min(args.concurrency) < 1 or args.streams_many < 1:
         parser.error("durations, repeats, concurrency and stream counts must be positive")
     return args
 
@@ -181,10 +189,11 @@ class Bench:
         return [(e, n) for e in workload.ENDPOINTS for n in self.args.fidelity_streams]
 
     def _plan(self) -> list[float]:
-        d = self.args.duration
         stream_s = (FIDELITY["delay_ms"] + 20 * FIDELITY["event_delay_ms"]) / 1000  # responses has ~18 events
         peers = 2 if self.nginx_binary else 0
-        per_repeat = [d + 0.1] * (2 * len(self._cells()) + 2 + peers) + [stream_s] * (2 * len(self._fidelity_cells()))
+        runs = [self._window(kind, c, mode) for kind, _, c in self._cells() for mode in MODES]
+        runs += [self.args.cpu_duration] * 2 + [self.args.duration] * peers
+        per_repeat = [s + 0.1 for s in runs] + [stream_s] * (2 * len(self._fidelity_cells()))
         lag_s = [lag.IDLE_SECONDS + lag.MARGIN_SECONDS + 0.5] * 2 * self.args.repeats
         return [2 * WARMUP_SECONDS, 0.5] + per_repeat * self.args.repeats + lag_s + [self._many_stream_seconds() + 1]
 
@@ -251,9 +260,17 @@ class Bench:
         same = sum(c["identical"] for c in checks.values())
         self.progress.end(f"{same}/{len(checks)} identical")
 
+    def _window(self, kind: str, concurrency: int, mode: str) -> float:
+        """Seconds of one load run: longer where the relay's CPU per request makes a ratio (over the
+        floor at c=64; stream over non-stream)."""
+        if mode == "relay" and (kind == "stream" or concurrency == FLOOR_CONCURRENCY):
+            return self.args.cpu_duration
+        return self.args.duration
+
     def _throughput(self, kind: str, endpoint: str, concurrency: int, mode: str, repeat: int) -> None:
         self.progress.begin(f"{kind} {endpoint} c={concurrency} {mode} #{repeat + 1}")
-        spec = self._spec(self.url(mode, endpoint), endpoint, kind == "stream", concurrency, self.args.duration)
+        window = self._window(kind, concurrency, mode)
+        spec = self._spec(self.url(mode, endpoint), endpoint, kind == "stream", concurrency, window)
         figures = measure(self.generator, spec, self.cores, self.upstream, self.relay if mode == "relay" else None)
         self.runs.setdefault((kind, endpoint, concurrency, mode), []).append(figures)
         self._check_alive()
@@ -270,13 +287,14 @@ class Bench:
     def _floor(self, repeat: int) -> None:
         # (a) the server side: the raw ASGI app under uvicorn, pinned like the relay, driven by the generator.
         self.progress.begin(f"floor: raw ASGI app c={FLOOR_CONCURRENCY} #{repeat + 1}")
-        spec = self._spec(workload.url(self.floor_port, "chat"), "chat", False, FLOOR_CONCURRENCY, self.args.duration)
+        window = self.args.cpu_duration
+        spec = self._spec(workload.url(self.floor_port, "chat"), "chat", False, FLOOR_CONCURRENCY, window)
         figures = measure(self.generator, spec, self.cores, self.upstream, self.floor)
         self.runs.setdefault(("floor", "app"), []).append(figures)
         self.progress.end(_outcome(figures))
         # (b) the client side: an aiohttp client loop on the relay's core, posting to the upstream.
         self.progress.begin(f"floor: aiohttp client loop c={FLOOR_CONCURRENCY} #{repeat + 1}")
-        spec = self._spec(self.url("direct", "chat"), "chat", False, FLOOR_CONCURRENCY, self.args.duration)
+        spec = self._spec(self.url("direct", "chat"), "chat", False, FLOOR_CONCURRENCY, window)
         figures = measure(self.floor_client, spec, self.cores, self.upstream, None, generator_on_test_core=True)
         figures["cpu_us_per_req"] = 1e6 * figures["gen_cpu_seconds"] / max(figures["ok"], 1)
         self.runs.setdefault(("floor", "client"), []).append(figures)
@@ -420,6 +438,7 @@ def _assemble(
         settings={
             "quick": args.quick,
             "duration_s": args.duration,
+            "cpu_duration_s": args.cpu_duration,
             "repeats": args.repeats,
             "concurrency": args.concurrency,
             "stream_concurrency": STREAM_CONCURRENCY,
