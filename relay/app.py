@@ -130,7 +130,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
                 flushing.cancel()
             await upstream.close()
             patcher.close()
-            flush_metrics()  # the last second's requests, into the files other workers' scrapes read
+            flush_metrics()  # the last requests, into the files other workers' scrapes read
 
     app: ASGIApp = Router(routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
     if settings.relay_api_keys:

@@ -30,7 +30,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess
 from starlette.types import Receive, Scope, Send
 
-FLUSH_SECONDS = 1.0
+FLUSH_SECONDS = 0.5  # at 8,000 requests/s a flush holds the loop about 5 ms
 
 # From sub-millisecond slot waits to reasoning models that think for many minutes.
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
