@@ -99,9 +99,8 @@ class Upstream:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             # aiohttp's default is a 300 s total, which would cut a reasoning model that thinks longer.
-            timeout=aiohttp.ClientTimeout(
-                total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout
-            ),
+            # read_timeout is the proxy's watchdog, not sock_read: that reschedules a timer on every read.
+            timeout=aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=None),
         )
 
     async def close(self) -> None:

@@ -2,8 +2,9 @@
 
 One request: read the body (bounded), patch model and extra_body, take a concurrency slot, post to the
 same path under the upstream base URL, then relay status, headers and body chunks as they arrive. The
-response bytes are never inspected, so SSE, JSON and gzip all pass through the same loop. The client's
-disconnect becomes cancellation, which closes the upstream connection and frees the slot.
+response bytes are never inspected, so SSE, JSON and gzip all pass through the same loop. Giving up on
+a request (its client left or stopped reading, or the upstream went silent) is cancellation of its task,
+which closes the upstream connection and frees the slot.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from relay.replies import send_error
 log = logging.getLogger("relay")
 
 _CLOSE = ((b"connection", b"close"),)
+
+# What an exchange is waiting for, and so which of its deadlines runs (see _Watchdog).
+_IDLE, _UPSTREAM, _CLIENT = 0, 1, 2
+_CLIENT_LEFT = "client disconnected"
 _STOPPED_READING = "client stopped reading"
+_UPSTREAM_SILENT = "upstream silent"
 
 
 class _ClientGone(Exception):
@@ -57,99 +63,92 @@ class Proxy:
         self.observer = observer
         self.max_body = settings.max_request_bytes
         self.body_timeout = settings.request_body_timeout
-        self.write_timeout = settings.client_write_timeout
+        self.deadlines = (None, settings.read_timeout, settings.client_write_timeout)  # by _IDLE, _UPSTREAM, _CLIENT
+        self.silent = Failure(
+            504, "upstream_timeout", "read_timeout", f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
+        )
         self.timing_header = settings.timing_header
         self.log_bodies = settings.log_bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(self.path, time.perf_counter())
         try:
-            await self._handle(scope, receive, send, exchange)
+            body = await self._request_body(scope, receive, send, exchange)
+            if body is not None:
+                await self._forward(scope, receive, send, body, exchange)
         finally:
             if self.observer is not None:
                 self.observer.finish(exchange)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+    async def _request_body(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> bytes | None:
+        """The patched body to forward, or None once the client has been answered (or has left)."""
         client: ClientConnection | None = scope.get(CLIENT_KEY)  # None unless relay.protocol serves it
-        headers = scope["headers"]
-        length, content_type = _framing(headers)
+        length, content_type = _framing(scope["headers"])
         if content_type is not None and content_type.split(b";", 1)[0].strip().lower() != b"application/json":
             exchange.status = 415
             await send_error(send, 415, "Content-Type must be application/json", code="unsupported_media_type")
-            return
+            return None
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             # Closing the connection is what spares the relay from reading the rest of the body.
             await self._too_large(send, exchange)
-            return
+            return None
         # A body that has all arrived (most do, with the head) needs no deadline.
         deadline = None if client is not None and client.body_complete else self.body_timeout
         try:
             raw = await _read_body(receive, self.max_body, deadline)
         except _ClientGone:
-            return
+            return None
         except _TooLarge:
             await self._too_large(send, exchange)
-            return
+            return None
         except TimeoutError:
             # A client that trickles its body (slowloris) would hold a connection and a task forever.
             exchange.status = 408
             message = f"the request body did not arrive within request_body_timeout ({self.body_timeout} s)"
             await send_error(send, 408, message, code="request_timeout", headers=_CLOSE)
-            return
+            return None
         exchange.bytes_in = len(raw)
         try:
             body = await self.patch(raw)
         except InvalidBody as exc:
             exchange.status = 400
             await send_error(send, 400, str(exc), code="invalid_json")
-            return
+            return None
         if self.log_bodies:
             log.debug("request body to %s: %s", self.path, _redact(body.decode("utf-8", "replace"), self.upstream.settings))
-        url = self.url
-        if scope["query_string"]:
-            url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
-        self.upstream.retrier.admit()
-        forwarded = upstream_request_headers(headers)
-        await self._exchange_until_disconnect(receive, send, url, body, forwarded, exchange, client)
+        return body
 
     async def _too_large(self, send: Send, exchange: Exchange) -> None:
         exchange.status = 413
         message = f"the request body is larger than max_request_bytes ({self.max_body} bytes)"
         await send_error(send, 413, message, code="request_too_large", headers=_CLOSE)
 
-    async def _exchange_until_disconnect(
-        self,
-        receive: Receive,
-        send: Send,
-        url: URL,
-        body: bytes,
-        headers: list[tuple[str, str]],
-        exchange: Exchange,
-        client: ClientConnection | None,
-    ) -> None:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, exchange: Exchange) -> None:
+        """Exchange with the upstream until the answer is relayed, or the watchdog gives up on it."""
+        url = self.url
+        if scope["query_string"]:
+            url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
+        headers = upstream_request_headers(scope["headers"])
+        self.upstream.retrier.admit()
+        client: ClientConnection | None = scope.get(CLIENT_KEY)
         task = asyncio.current_task()
         assert task is not None
-        abandon = _Abandon(task)
-        stop_watching = _watch_disconnect(client, receive, abandon)
+        watchdog = _Watchdog(task, self.deadlines)
+        stop_watching = _watch_disconnect(client, receive, watchdog)
         try:
-            await self._exchange(send, url, body, headers, exchange, abandon)
+            await self._exchange(send, url, body, headers, exchange, watchdog)
         except asyncio.CancelledError:
-            if abandon.reason is None or task.uncancel() > 0:
+            if watchdog.reason is None or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
-            exchange.client_gone = True
-            if exchange.status == 0:
-                exchange.status = 499  # nginx's "client closed request": nothing was sent
-            if abandon.reason == _STOPPED_READING and client is not None:
-                # uvicorn's close would wait for the client to read what is buffered: it never will.
-                client.abort()
-            log.debug("%s on %s; upstream request cancelled", abandon.reason, self.path)
+            await self._gave_up(watchdog.reason, send, exchange, client)
         finally:
-            # No await stands between the last send and here, so the watcher cannot mistake the
-            # completed response (which uvicorn reports as http.disconnect) for a client that left.
+            # No await stands between the last send and here, so the watch cannot mistake the completed
+            # response (which uvicorn reports as http.disconnect) for a client that left.
             stop_watching()
+            watchdog.stop()
 
     async def _exchange(
-        self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange, abandon: _Abandon
+        self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange, watchdog: _Watchdog
     ) -> None:
         upstream = self.upstream
         while True:
@@ -157,14 +156,16 @@ class Proxy:
                 exchange.slot_wait += waited
                 exchange.attempts += 1
                 sent = time.perf_counter()
+                watchdog.waiting(_UPSTREAM)
                 try:
                     response = await upstream.session.post(url, data=body, headers=headers, allow_redirects=False)
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    watchdog.waiting(_IDLE)
                     failure = classify(exc, upstream.settings)
                     self._failed(exchange, failure.kind)
                     delay = upstream.retrier.after_error(exc, exchange.attempts - 1, exchange.started)
                     if delay is None:
-                        await self._upstream_failed(send, failure, exc, exchange)
+                        await self._upstream_failed(send, failure, exchange, _describe(exc))
                         return
                     reason = failure.kind
                 else:
@@ -179,8 +180,9 @@ class Proxy:
                         response.close()
                         raise
                     if delay is None:
-                        await self._relay(response, send, exchange, abandon)
+                        await self._relay(response, send, exchange, watchdog)
                         return
+                    watchdog.waiting(_IDLE)
                     response.close()  # the retried answer is discarded; its connection is not worth draining
                     reason = str(response.status)
             if self.observer is not None:
@@ -189,40 +191,67 @@ class Proxy:
             await asyncio.sleep(delay)
 
     async def _relay(
-        self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange, abandon: _Abandon
+        self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange, watchdog: _Watchdog
     ) -> None:
+        """Send each chunk as soon as aiohttp has it: no re-chunking, no line splitting, no buffering."""
         headers = client_response_headers(response.raw_headers)
         if self.timing_header:
             headers.append((b"server-timing", _server_timing(exchange)))
         exchange.request_id = response.headers.get("x-request-id")
         exchange.status = response.status
-        watchdog = _WriteWatchdog(self.write_timeout, exchange, abandon) if self.write_timeout else None
+        content = response.content
         try:
+            watchdog.waiting(_CLIENT)
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            await _relay_body(response.content, send, exchange, watchdog)
+            while True:
+                watchdog.waiting(_UPSTREAM)
+                chunk = await content.readany()
+                last = not chunk or content.at_eof()
+                watchdog.waiting(_CLIENT)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                exchange.bytes_out += len(chunk)
+                if last:
+                    break
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Returning without the final body message makes uvicorn close the client's connection:
             # the client sees a truncated body, never a clean end of a partial one.
             response.close()
-            self._failed(exchange, "mid_body")
-            log.warning("upstream failed mid-body on %s: %s; client connection aborted", self.path, _describe(exc))
+            self._cut(exchange, _describe(exc))
         except BaseException:
             response.close()  # close, not release: release would drain or pool a half-read connection
             raise
         else:
             response.release()
-        finally:
-            if watchdog is not None:
-                watchdog.stop()
+
+    async def _gave_up(self, reason: str, send: Send, exchange: Exchange, client: ClientConnection | None) -> None:
+        if reason is _UPSTREAM_SILENT:
+            cause = f"nothing for read_timeout ({self.deadlines[_UPSTREAM]} s)"
+            if exchange.status == 0:
+                self._failed(exchange, self.silent.kind)
+                await self._upstream_failed(send, self.silent, exchange, cause)
+            else:
+                self._cut(exchange, cause)  # returning unfinished aborts the client's connection, as above
+            return
+        exchange.client_gone = True
+        if exchange.status == 0:
+            exchange.status = 499  # nginx's "client closed request": nothing was sent
+        if reason is _STOPPED_READING and client is not None:
+            # uvicorn's close would wait for the client to read what is buffered: it never will.
+            client.abort()
+        log.debug("%s on %s; upstream request cancelled", reason, self.path)
+
+    def _cut(self, exchange: Exchange, cause: str) -> None:
+        self._failed(exchange, "mid_body")
+        log.warning("upstream failed mid-body on %s: %s; client connection aborted", self.path, cause)
 
     def _failed(self, exchange: Exchange, kind: str) -> None:
         exchange.error = kind
         if self.observer is not None:
             self.observer.upstream_failed(kind)
 
-    async def _upstream_failed(self, send: Send, failure: Failure, exc: BaseException, exchange: Exchange) -> None:
+    async def _upstream_failed(self, send: Send, failure: Failure, exchange: Exchange, cause: str) -> None:
         exchange.status = failure.status
-        log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, _describe(exc))
+        log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, cause)
         await send_error(send, failure.status, failure.message, type="upstream_error", code=failure.code)
 
 
@@ -231,9 +260,6 @@ def classify(exc: BaseException, settings: Settings) -> Failure:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         message = f"could not connect to the upstream within connect_timeout ({settings.connect_timeout} s)"
         return Failure(504, "upstream_timeout", "connect_timeout", message)
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        message = f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
-        return Failure(504, "upstream_timeout", "read_timeout", message)
     if isinstance(exc, TimeoutError):
         message = f"the upstream did not finish within total_timeout ({settings.total_timeout} s)"
         return Failure(504, "upstream_timeout", "total_timeout", message)
@@ -284,89 +310,73 @@ async def _read_chunks(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
 
 
-async def _relay_body(
-    content: aiohttp.StreamReader, send: Send, exchange: Exchange, watchdog: _WriteWatchdog | None
-) -> None:
-    """Send each chunk as soon as aiohttp has it: no re-chunking, no line splitting, no buffering."""
-    while True:
-        chunk = await content.readany()
-        last = not chunk or content.at_eof()
-        if watchdog is not None:
-            watchdog.sending = True
-        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-        exchange.bytes_out += len(chunk)
-        if last:
-            return
-        if watchdog is not None:
-            watchdog.sending = False
-            watchdog.arm()
+class _Watchdog:
+    """Gives up on an exchange, once, by cancelling its task: when its client leaves, or when what it
+    waits for stalls: an upstream silent for read_timeout (its answer, or the next chunk), or a client
+    that takes no byte for client_write_timeout (uvicorn's send waits for a full socket without limit).
 
-
-class _Abandon:
-    """Cancels the request's task, once, and remembers why: the relay's own reasons to give up on it."""
-
-    def __init__(self, task: asyncio.Task[object]) -> None:
-        self.task = task
-        self.reason: str | None = None
-
-    def __call__(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.task.cancel()
-
-    def client_left(self) -> None:
-        self("client disconnected")
-
-
-def _watch_disconnect(client: ClientConnection | None, receive: Receive, abandon: _Abandon) -> Callable[[], None]:
-    """Abandon the request when its client disconnects; returns what stops the watch."""
-    if client is not None:
-        client.watch(abandon.client_left)  # relay.protocol calls it from connection_lost
-        return client.unwatch
-    # Under plain uvicorn only a pending receive() hears of the disconnect, so a task waits in one.
-    watcher = asyncio.get_running_loop().create_task(_abandon_on_disconnect(receive, abandon))
-    return watcher.cancel
-
-
-async def _abandon_on_disconnect(receive: Receive, abandon: _Abandon) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    abandon.client_left()
-
-
-class _WriteWatchdog:
-    """Gives up on a client when one send to it has not finished for between one and two `timeout`s.
-
-    uvicorn's send waits for the client's socket to drain, without limit; a client that stopped reading
-    would otherwise hold its concurrency slot and its upstream connection forever.
+    The proxy only notes what it waits for and since when; one timer per request compares that with
+    the deadline and re-arms itself. A timer rescheduled on every chunk, as aiohttp's sock_read does,
+    costs more than relaying a small SSE event.
     """
 
-    def __init__(self, timeout: float, exchange: Exchange, abandon: _Abandon) -> None:
-        self.sending = False
-        self._exchange = exchange
-        self._stuck_at: int | None = None  # bytes relayed when a check last found a send waiting
-        self._timeout = timeout
-        self._abandon = abandon
-        self._timer: asyncio.TimerHandle | None = None
+    def __init__(self, task: asyncio.Task[object], deadlines: tuple[float | None, ...]) -> None:
+        self.task = task
+        self.reason: str | None = None
+        self.phase = _IDLE
+        self._deadlines = deadlines
+        loop = task.get_loop()
+        self._now = loop.time
+        self.since = self._now()
+        armed = [seconds for seconds in deadlines if seconds is not None]
+        self._period = min(armed) if armed else None
+        self._timer = loop.call_at(self.since + self._period, self._check) if self._period else None
 
-    def arm(self) -> None:
-        """Start watching, from the second send on: uvicorn's send waits only for a drain that an
-        earlier write left pending, so a one-chunk answer (most non-stream ones) never needs a timer."""
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check)
+    def waiting(self, phase: int) -> None:
+        self.phase = phase
+        self.since = self._now()
 
-    def _check(self) -> None:
-        relayed = self._exchange.bytes_out
-        if self.sending and self._stuck_at == relayed:
-            # A send was waiting at the last check and no byte got through since: a whole period.
-            self._abandon(_STOPPED_READING)
-            return
-        self._stuck_at = relayed if self.sending else None
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check)
+    def client_left(self) -> None:
+        self._give_up(_CLIENT_LEFT)
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+    def _give_up(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.task.cancel()
+
+    def _check(self) -> None:
+        deadline = self._deadlines[self.phase]
+        now = self._now()
+        if deadline is not None and now - self.since >= deadline:
+            self._timer = None
+            self._give_up(_STOPPED_READING if self.phase == _CLIENT else _UPSTREAM_SILENT)
+            return
+        # Not due yet. The wait may change to one with a shorter deadline before then, so look again
+        # within the shortest one.
+        wake = now + self._period
+        if deadline is not None:
+            wake = min(wake, self.since + deadline)
+        self._timer = self.task.get_loop().call_at(wake, self._check)
+
+
+def _watch_disconnect(client: ClientConnection | None, receive: Receive, watchdog: _Watchdog) -> Callable[[], None]:
+    """Give up on the request when its client disconnects; returns what stops the watch."""
+    if client is not None:
+        client.watch(watchdog.client_left)  # relay.protocol calls it from connection_lost
+        return client.unwatch
+    # Under plain uvicorn only a pending receive() hears of the disconnect, so a task waits in one.
+    watcher = asyncio.get_running_loop().create_task(_abandon_on_disconnect(receive, watchdog))
+    return watcher.cancel
+
+
+async def _abandon_on_disconnect(receive: Receive, watchdog: _Watchdog) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    watchdog.client_left()
 
 
 def _server_timing(exchange: Exchange) -> bytes:

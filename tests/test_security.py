@@ -122,11 +122,11 @@ FAILURES = {
         "ClientResponseError", handler=malformed_status_line,
     ),
     "silent-upstream": Failure(
-        with_fault("hang"), 504, "upstream_timeout", "-> 504: the upstream sent nothing", "SocketTimeoutError"
+        with_fault("hang"), 504, "upstream_timeout", "-> 504: the upstream sent nothing", "read_timeout"
     ),
     "reset-mid-body": Failure(with_fault("reset-mid-body"), None, None, CUT, "ContentLengthError"),
     "reset-mid-stream": Failure(with_fault("reset-mid-stream", STREAM_BODY), None, None, CUT, "TransferEncodingError"),
-    "stall-mid-stream": Failure(with_fault("stall-mid-stream", STREAM_BODY), None, None, CUT, "SocketTimeoutError"),
+    "stall-mid-stream": Failure(with_fault("stall-mid-stream", STREAM_BODY), None, None, CUT, "read_timeout"),
     "client-leaves": Failure(
         with_fault("stall-mid-stream", STREAM_BODY), None, None, "client disconnected", act=leave_mid_stream
     ),
