@@ -19,7 +19,8 @@ from typing import Any
 
 import aiohttp.abc
 import orjson
-from starlette.routing import Route, Router
+from starlette.datastructures import URLPath
+from starlette.routing import BaseRoute, Match, NoMatchFound, Route, Router, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.auth import RequireKey
@@ -29,7 +30,7 @@ from relay.config import ConfigError, Settings, load_settings
 from relay.metrics import MetricsEndpoint, keep_flushing, metrics
 from relay.observe import Observer
 from relay.proxy import Proxy
-from relay.replies import error_body, send_error, send_json
+from relay.replies import allow_header, error_body, send_error, send_json, send_not_allowed
 
 log = logging.getLogger("relay")
 
@@ -38,20 +39,39 @@ HEALTH_PATHS = ("/", "/health", "/healthz", "/livez", "/readyz")
 _READ = ("GET", "HEAD")
 
 
+class Exact(BaseRoute):
+    """One exact path. Starlette's Route matches a regex and copies path parameters into the scope on every
+    request; the API paths are matched on every relayed request, and a string comparison is enough."""
+
+    def __init__(self, path: str, app: ASGIApp) -> None:
+        self.path = path
+        self.app = app
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and get_route_path(scope) == self.path:
+            return Match.FULL, {}
+        return Match.NONE, {}
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 class Only:
     """Answer other methods with 405 and Allow, in the OpenAI error shape (Starlette's own is plain text)."""
 
     def __init__(self, methods: Collection[str], app: ASGIApp) -> None:
         self.methods = frozenset(methods)
-        self.allow = ((b"allow", ", ".join(sorted(self.methods)).encode()),)
+        self.allow = allow_header(self.methods)
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] in self.methods:
             await self.app(scope, receive, send)
-            return
-        message = f"{scope['method']} is not allowed on {scope['path']}"
-        await send_error(send, 405, message, code="method_not_allowed", headers=self.allow)
+        else:
+            await send_not_allowed(scope, send, self.allow)
 
 
 class Fixed:
@@ -97,17 +117,15 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     patcher = Patcher(settings.openai_model, settings.extra_body, settings.offload_body_bytes)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = Fixed(orjson.dumps({"status": "ok"}))
-    routes = [
-        *(
-            Route(f"/v1{path}", Only(("POST",), Proxy(upstream, path, patcher, _observer(path, settings))))
-            for path in API_PATHS
-        ),
-        Route("/v1/models", Only(_READ, Fixed(orjson.dumps({"object": "list", "data": [model]})))),
+    # The API paths come first: the router tries routes in order. Proxy answers methods other than POST.
+    routes: list[BaseRoute] = [
+        *(Exact(f"/v1{path}", Proxy(upstream, path, patcher, _observer(path, settings))) for path in API_PATHS),
+        Exact("/v1/models", Only(_READ, Fixed(orjson.dumps({"object": "list", "data": [model]})))),
         Route("/v1/models/{model_id:path}", Only(_READ, ModelInfo(model))),
-        *(Route(path, Only(_READ, healthy)) for path in HEALTH_PATHS),
+        *(Exact(path, Only(_READ, healthy)) for path in HEALTH_PATHS),
     ]
     if settings.metrics:
-        routes.append(Route("/metrics", Only(_READ, MetricsEndpoint(flush_metrics))))
+        routes.append(Exact("/metrics", Only(_READ, MetricsEndpoint(flush_metrics))))
 
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:

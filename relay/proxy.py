@@ -25,11 +25,12 @@ from relay.config import Settings
 from relay.headers import client_response_headers, upstream_request_headers
 from relay.observe import Exchange, Observer
 from relay.protocol import CLIENT_KEY, ClientConnection
-from relay.replies import send_error
+from relay.replies import allow_header, send_error, send_not_allowed
 
 log = logging.getLogger("relay")
 
 _CLOSE = ((b"connection", b"close"),)
+_ALLOW = allow_header(("POST",))
 
 # What an exchange is waiting for, and so which of its deadlines runs (see _Watchdog).
 _IDLE, _UPSTREAM, _CLIENT = 0, 1, 2
@@ -71,6 +72,9 @@ class Proxy:
         self.log_bodies = settings.log_bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await send_not_allowed(scope, send, _ALLOW)
+            return
         exchange = Exchange(self.path, time.perf_counter())
         try:
             body = await self._request_body(scope, receive, send, exchange)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import orjson
-from starlette.types import Send
+from starlette.types import Scope, Send
 
 Header = tuple[bytes, bytes]
 
@@ -38,3 +38,12 @@ async def send_error(
     headers: Sequence[Header] = (),
 ) -> None:
     await send_json(send, status, error_body(message, type, code), headers)
+
+
+def allow_header(methods: Iterable[str]) -> tuple[Header]:
+    return ((b"allow", ", ".join(sorted(methods)).encode()),)
+
+
+async def send_not_allowed(scope: Scope, send: Send, allow: Sequence[Header]) -> None:
+    message = f"{scope['method']} is not allowed on {scope['path']}"
+    await send_error(send, 405, message, code="method_not_allowed", headers=allow)
