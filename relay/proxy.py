@@ -65,6 +65,7 @@ class Proxy:
         self.max_body = settings.max_request_bytes
         self.body_timeout = settings.request_body_timeout
         self.deadlines = (None, settings.read_timeout, settings.client_write_timeout)  # by _IDLE, _UPSTREAM, _CLIENT
+        self.check_every = min((seconds for seconds in self.deadlines if seconds is not None), default=None)
         self.silent = Failure(
             504, "upstream_timeout", "read_timeout", f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
         )
@@ -96,10 +97,11 @@ class Proxy:
             # Closing the connection is what spares the relay from reading the rest of the body.
             await self._too_large(send, exchange)
             return None
-        # A body that has all arrived (most do, with the head) needs no deadline.
-        deadline = None if client is not None and client.body_complete else self.body_timeout
         try:
-            raw = await _read_body(receive, self.max_body, deadline)
+            if client is not None and client.body_complete:
+                raw = await _read_chunks(receive, self.max_body)  # all here (most are, with the head): no deadline
+            else:
+                raw = await _read_body(receive, self.max_body, self.body_timeout)
         except _ClientGone:
             return None
         except _TooLarge:
@@ -137,7 +139,7 @@ class Proxy:
         client: ClientConnection | None = scope.get(CLIENT_KEY)
         task = asyncio.current_task()
         assert task is not None
-        watchdog = _Watchdog(task, self.deadlines)
+        watchdog = _Watchdog(task, self.deadlines, self.check_every)
         stop_watching = _watch_disconnect(client, receive, watchdog)
         try:
             await self._exchange(send, url, body, headers, exchange, watchdog)
@@ -324,17 +326,16 @@ class _Watchdog:
     costs more than relaying a small SSE event.
     """
 
-    def __init__(self, task: asyncio.Task[object], deadlines: tuple[float | None, ...]) -> None:
+    def __init__(self, task: asyncio.Task[object], deadlines: tuple[float | None, ...], check_every: float | None) -> None:
         self.task = task
         self.reason: str | None = None
         self.phase = _IDLE
         self._deadlines = deadlines
-        loop = task.get_loop()
-        self._now = loop.time
+        self._check_every = check_every  # the shortest deadline; None: there is none
+        self._loop = task.get_loop()
+        self._now = self._loop.time
         self.since = self._now()
-        armed = [seconds for seconds in deadlines if seconds is not None]
-        self._period = min(armed) if armed else None
-        self._timer = loop.call_at(self.since + self._period, self._check) if self._period else None
+        self._timer = self._loop.call_at(self.since + check_every, self._check) if check_every else None
 
     def waiting(self, phase: int) -> None:
         self.phase = phase
@@ -361,10 +362,10 @@ class _Watchdog:
             return
         # Not due yet. The wait may change to one with a shorter deadline before then, so look again
         # within the shortest one.
-        wake = now + self._period
+        wake = now + self._check_every
         if deadline is not None:
             wake = min(wake, self.since + deadline)
-        self._timer = self.task.get_loop().call_at(wake, self._check)
+        self._timer = self._loop.call_at(wake, self._check)
 
 
 def _watch_disconnect(client: ClientConnection | None, receive: Receive, watchdog: _Watchdog) -> Callable[[], None]:

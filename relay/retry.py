@@ -24,11 +24,12 @@ _RETRIED_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
 class Retrier:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
+        self.enabled = policy.enabled
         self.tokens = float(policy.budget_burst)
 
     def admit(self) -> None:
         """A new request earns the budget a fraction of a retry."""
-        if self.policy.enabled:
+        if self.enabled:
             self.tokens = min(self.policy.budget_burst, self.tokens + self.policy.budget_ratio)
 
     # `started` is the request's arrival, in time.perf_counter() seconds.
