@@ -1,10 +1,16 @@
-"""uvicorn's httptools protocol with the two limits it lacks on a request's head (line and headers).
+"""uvicorn's httptools protocol with the two limits it lacks on a request's head (line and headers), and
+a response head that leaves with the body.
 
 uvicorn arms no timer until a first response is done, and it keeps every header it is sent: a client
 can hold a connection forever by trickling its headers (slowloris), or grow the relay's memory without
 bound with endless ones. `max_request_bytes` and `request_body_timeout` guard the body; this guards the
 head. `relay serve` uses it; with the plain uvicorn CLI pass `--http relay.protocol:GuardedHttpToolsProtocol`
 (and RELAY_REQUEST_HEAD_TIMEOUT / RELAY_MAX_HEADER_BYTES in the environment to change the defaults).
+
+uvicorn writes a response head to the socket as soon as the app sends http.response.start, and the body
+in a second write: two syscalls, two TCP segments and two wake-ups of the client for an answer that the
+upstream sent in one. HeadWriter holds the head until the first body write or the end of the event-loop
+step, whichever comes first (Go's net/http buffers it the same way, until the first body write).
 
 It also tells the app about the client's connection (scope["relay.client"], a ClientConnection): whether
 the body has all arrived, so the app needs no deadline for it; a call when the connection is lost, so the
@@ -55,6 +61,45 @@ class ClientConnection:
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
             on_lost()
+
+
+class HeadWriter:
+    """The transport of one response cycle: its first write (the head) is held back, and leaves with
+    the second write (the first body chunk) in one writev, or alone at the end of the event-loop step.
+    A stream whose first event is not there yet thus gets its head at once; a buffered answer goes out
+    whole. Everything else goes straight to the connection's transport."""
+
+    __slots__ = ("_transport", "_loop", "_head", "_started")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if not self._started:
+            self._started = True
+            self._head = data
+            self._loop.call_soon(self._flush)
+        elif self._head is not None:
+            head, self._head = self._head, None
+            self._transport.writelines((head, data))
+        else:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def _flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
 
 
 def _reply(status: str, message: str, code: str) -> bytes:
@@ -119,6 +164,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._client = ClientConnection(self.transport.abort)
         self.scope[CLIENT_KEY] = self._client  # type: ignore[literal-required]
         super().on_headers_complete()
+        self.cycle.transport = HeadWriter(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:  # the rest of a chunk is still parsed after a refusal: ignore it

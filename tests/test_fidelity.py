@@ -282,3 +282,52 @@ def test_each_piece_is_relayed_before_the_next_is_sent(
         assert orjson.loads(body)["parts"][-1] == "last"
     [seen_request] = requests_seen(upstream, 1)
     assert seen_request.json()["model"] == MODEL
+
+
+# --- the response head is not held back behind the body -----------------------------------------------
+
+LATE = b'{"late":true}'
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["sse-chunked", "json-content-length"])
+def test_head_reaches_the_client_before_the_first_body_byte_exists(
+    relay: RelayServer, upstream: UpstreamThread, chunked: bool
+) -> None:
+    # relay.protocol holds a head back to send it with the body, but only for the rest of an event-loop
+    # step: an upstream that thinks before its first byte of body must not keep its status from the client.
+    head_seen = threading.Event()
+    stalls: list[int] = []
+
+    async def head_then_wait(request: Recorded, responder: Responder) -> None:
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(LATE)))
+        await responder.start(200, [("Content-Type", "text/event-stream" if chunked else "application/json"), framing])
+        if not await responder.wait(head_seen, HANDLER_TIMEOUT):
+            stalls.append(0)
+            responder.abort()
+            return
+        if chunked:
+            await responder.chunk(LATE)
+            await responder.end_chunks()
+        else:
+            await responder.write(LATE)
+
+    async def client() -> bytes:
+        async with _session() as session:
+            try:  # aiohttp's post returns as soon as the head is in
+                response = await asyncio.wait_for(
+                    session.post(relay.api_url + CHAT, data=b"{}", headers=CIMultiDict(JSON)), STEP_TIMEOUT
+                )
+            except TimeoutError:
+                pytest.fail("the response head was held back until the body came")
+            async with response:
+                assert response.status == 200
+                head_seen.set()
+                return await asyncio.wait_for(response.read(), STEP_TIMEOUT)
+
+    upstream.upstream.handler = head_then_wait
+    try:
+        body = asyncio.run(client())
+    finally:
+        head_seen.set()  # release the handler at once if the client gave up
+    assert stalls == []
+    assert body == LATE
