@@ -49,7 +49,8 @@ class Patcher:
 
     Parsing and re-serialising megabytes holds the event loop (and, orjson being C that keeps the GIL,
     any thread) for tens of milliseconds, during which no other stream moves. Bodies of at least
-    `offload_bytes` are patched in a helper process instead, started on first use.
+    `offload_bytes` are patched in a helper process instead, started on first use:
+    `await patcher.elsewhere(raw)` when `patcher.offloads(raw)`, else `patcher(raw)`.
     """
 
     def __init__(self, model: str, extra_body: Mapping[str, Any], offload_bytes: int | None) -> None:
@@ -58,9 +59,13 @@ class Patcher:
         self.offload_bytes = offload_bytes
         self._pool: ProcessPoolExecutor | None = None
 
-    async def __call__(self, raw: bytes) -> bytes:
-        if self.offload_bytes is None or len(raw) < self.offload_bytes:
-            return patch(raw, self.model, self.extra_body)
+    def __call__(self, raw: bytes) -> bytes:
+        return patch(raw, self.model, self.extra_body)
+
+    def offloads(self, raw: bytes) -> bool:
+        return self.offload_bytes is not None and len(raw) >= self.offload_bytes
+
+    async def elsewhere(self, raw: bytes) -> bytes:
         if self._pool is None:
             context = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper)
@@ -73,7 +78,7 @@ class Patcher:
             if self._pool is pool:
                 self._pool = None
                 pool.shutdown(wait=False)
-            return patch(raw, self.model, self.extra_body)
+            return self(raw)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,8 +17,9 @@ from relay.retry import Retrier
 class Slots:
     """At most `cap` upstream requests in flight (None: no cap); waiters are admitted in FIFO order.
 
-    `async with slots as waited` gives the seconds spent waiting for the slot. The counts are plain
-    numbers: the metrics sample them (Metrics.flush).
+    `take()` takes a free slot at once; when it cannot, `await wait()` waits for one and gives the seconds
+    spent waiting. Either way `give_back()` returns it. Without a cap nothing is awaited at all. The counts
+    are plain numbers: the metrics sample them (Metrics.flush).
     """
 
     def __init__(self, cap: int | None) -> None:
@@ -26,27 +27,29 @@ class Slots:
         self.in_flight = 0
         self.waiting = 0
 
-    async def __aenter__(self) -> float:
-        waited = 0.0
-        semaphore = self._semaphore
-        if semaphore is not None:
-            if semaphore.locked():
-                waited = await self._wait(semaphore)
-            else:
-                await semaphore.acquire()  # a free slot: acquire() returns without suspending
-        self.in_flight += 1
-        return waited
+    def take(self) -> bool:
+        if self._semaphore is None:
+            self.in_flight += 1
+            return True
+        return False  # acquire() is a coroutine even when a slot is free: wait() takes it
 
-    async def _wait(self, semaphore: asyncio.Semaphore) -> float:
+    async def wait(self) -> float:
+        semaphore = self._semaphore
+        assert semaphore is not None
+        if not semaphore.locked():
+            await semaphore.acquire()  # a free slot: acquire() returns without suspending
+            self.in_flight += 1
+            return 0.0
         started = time.perf_counter()
         self.waiting += 1
         try:
             await semaphore.acquire()
         finally:
             self.waiting -= 1
+        self.in_flight += 1
         return time.perf_counter() - started
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def give_back(self) -> None:
         self.in_flight -= 1
         if self._semaphore is not None:
             self._semaphore.release()

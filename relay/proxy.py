@@ -115,7 +115,7 @@ class Proxy:
             return None
         exchange.bytes_in = len(raw)
         try:
-            body = await self.patch(raw)
+            body = await self.patch.elsewhere(raw) if self.patch.offloads(raw) else self.patch(raw)
         except InvalidBody as exc:
             exchange.status = 400
             await send_error(send, 400, str(exc), code="invalid_json")
@@ -157,9 +157,11 @@ class Proxy:
         self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange, watchdog: _Watchdog
     ) -> None:
         upstream = self.upstream
+        slots = upstream.slots
         while True:
-            async with upstream.slots as waited:
-                exchange.slot_wait += waited
+            if not slots.take():
+                exchange.slot_wait += await slots.wait()
+            try:
                 exchange.attempts += 1
                 sent = time.perf_counter()
                 watchdog.waiting(_UPSTREAM)
@@ -191,6 +193,8 @@ class Proxy:
                     watchdog.waiting(_IDLE)
                     response.close()  # the retried answer is discarded; its connection is not worth draining
                     reason = str(response.status)
+            finally:
+                slots.give_back()
             if self.observer is not None:
                 self.observer.retrying(reason)
             log.info("retrying %s in %.2f s (attempt %d: %s)", self.path, delay, exchange.attempts, reason)

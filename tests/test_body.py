@@ -90,13 +90,14 @@ def test_patcher_recovers_when_its_helper_process_dies() -> None:
     async def scenario() -> list[dict]:
         patcher = Patcher(MODEL, {"seed": 1}, offload_bytes=1)
         try:
-            first = await patcher(b'{"a": 1}')
+            assert patcher.offloads(b"{}") and not Patcher(MODEL, {}, offload_bytes=None).offloads(b"{}")
+            first = await patcher.elsewhere(b'{"a": 1}')
             assert patcher._pool is not None
             for process in list(patcher._pool._processes.values()):  # the helper dies (OOM killer, say)
                 os.kill(process.pid, signal.SIGKILL)
                 process.join(10)
-            second = await patcher(b'{"a": 2}')
-            third = await patcher(b'{"a": 3}')  # and a new helper takes over
+            second = await patcher.elsewhere(b'{"a": 2}')
+            third = await patcher.elsewhere(b'{"a": 3}')  # and a new helper takes over
             return [json.loads(body) for body in (first, second, third)]
         finally:
             patcher.close()
