@@ -330,6 +330,8 @@ class _Watchdog:
     costs more than relaying a small SSE event.
     """
 
+    __slots__ = ("task", "reason", "phase", "since", "_deadlines", "_check_every", "_loop", "_now", "_timer")
+
     def __init__(self, task: asyncio.Task[object], deadlines: tuple[float | None, ...], check_every: float | None) -> None:
         self.task = task
         self.reason: str | None = None
