@@ -24,6 +24,9 @@ DEFAULT_CONFIG = "conf/openai_model.yaml"
 DEFAULT_ENV_FILE = "env.yaml"
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_LINE_BREAK = re.compile(r"[\r\n\x00]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field names
+_RELAY_OWNED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
 
 class ConfigError(Exception):
@@ -237,11 +240,22 @@ def _access_log(value: Any) -> str:
     return value
 
 
+def _header_value(value: Any) -> str:
+    text = _text(value)
+    if _LINE_BREAK.search(text):
+        raise ValueError("must be one line (no CR, LF or NUL): it goes into an HTTP header")
+    return text
+
+
 def _headers(value: Any) -> Mapping[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ValueError("must map header names to string values")
+    if not all(_TOKEN.fullmatch(k) for k in value) or any(_LINE_BREAK.search(v) for v in value.values()):
+        raise ValueError("must have header names made of token characters and one-line values")
     if any(k.lower() == "authorization" for k in value):
         raise ValueError("must not set Authorization (the relay sends openai_api_key)")
+    if any(k.lower() in _RELAY_OWNED_HEADERS for k in value):
+        raise ValueError(f"must not set {', '.join(sorted(_RELAY_OWNED_HEADERS))} (the relay frames each request)")
     return MappingProxyType(dict(value))
 
 
@@ -298,7 +312,7 @@ def _ratio(value: Any) -> float:
 
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "openai_base_url": _base_url,
-    "openai_api_key": _text,
+    "openai_api_key": _header_value,
     "openai_model": _text,
     "openai_default_headers": _headers,
     "extra_body": _extra_body,

@@ -39,10 +39,9 @@ NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
 }
 
 
-def upstream_request_headers(client_headers: Iterable[Header]) -> list[tuple[str, str]]:
-    """The client's end-to-end headers, decoded for aiohttp (which encodes them back as UTF-8)."""
-    kept = _end_to_end(client_headers, NOT_FORWARDED_UPSTREAM)
-    return [(name.decode("latin-1"), _utf8_or_latin1(value)) for name, value in kept]
+def upstream_request_headers(client_headers: Iterable[Header]) -> list[Header]:
+    """The client's end-to-end headers, bytes as received (ASGI names are lower-case)."""
+    return _end_to_end(client_headers, NOT_FORWARDED_UPSTREAM)
 
 
 def client_response_headers(upstream_headers: Iterable[Header]) -> list[Header]:
@@ -63,12 +62,3 @@ def _end_to_end(headers: Iterable[Header], dropped: frozenset[bytes]) -> list[He
     if named:  # one pass in the usual case: a Connection header is rare, and names little
         kept = [header for header in kept if header[0] not in named]
     return kept
-
-
-def _utf8_or_latin1(value: bytes) -> str:
-    # UTF-8 round-trips through aiohttp byte for byte; bytes that are not UTF-8 cannot, so they go as
-    # their latin-1 reading rather than failing the request.
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")

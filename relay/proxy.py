@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from relay.body import InvalidBody, Patcher
-from relay.client import Upstream
+from relay.client import Header, Response, Upstream
 from relay.config import Settings
 from relay.headers import client_response_headers, upstream_request_headers
 from relay.observe import Exchange, Observer
@@ -37,6 +37,7 @@ _IDLE, _UPSTREAM, _CLIENT = 0, 1, 2
 _CLIENT_LEFT = "client disconnected"
 _STOPPED_READING = "client stopped reading"
 _UPSTREAM_SILENT = "upstream silent"
+_TOO_LONG = "total_timeout passed"
 
 
 class _ClientGone(Exception):
@@ -59,16 +60,22 @@ class Proxy:
         settings = upstream.settings
         self.upstream = upstream
         self.patch = patcher
-        self.url = upstream.url(path)
+        self.endpoint = upstream.endpoint(path)
         self.path = f"/v1{path}"
         self.observer = observer
         self.max_body = settings.max_request_bytes
         self.body_timeout = settings.request_body_timeout
         self.deadlines = (None, settings.read_timeout, settings.client_write_timeout)  # by _IDLE, _UPSTREAM, _CLIENT
-        self.check_every = min((seconds for seconds in self.deadlines if seconds is not None), default=None)
-        self.silent = Failure(
-            504, "upstream_timeout", "read_timeout", f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
-        )
+        self.total_timeout = settings.total_timeout
+        self.check_every = min((s for s in (*self.deadlines, self.total_timeout) if s is not None), default=None)
+        self.timed_out = {
+            _UPSTREAM_SILENT: Failure(
+                504, "upstream_timeout", "read_timeout", f"the upstream sent nothing for read_timeout ({settings.read_timeout} s)"
+            ),
+            _TOO_LONG: Failure(
+                504, "upstream_timeout", "total_timeout", f"the upstream did not finish within total_timeout ({settings.total_timeout} s)"
+            ),
+        }
         self.timing_header = settings.timing_header
         self.log_bodies = settings.log_bodies
 
@@ -131,18 +138,15 @@ class Proxy:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, exchange: Exchange) -> None:
         """Exchange with the upstream until the answer is relayed, or the watchdog gives up on it."""
-        url = self.url
-        if scope["query_string"]:
-            url = URL(f"{url}?{scope['query_string'].decode('latin-1')}", encoded=True)
         headers = upstream_request_headers(scope["headers"])
         self.upstream.retrier.admit()
         client: ClientConnection | None = scope.get(CLIENT_KEY)
         task = asyncio.current_task()
         assert task is not None
-        watchdog = _Watchdog(task, self.deadlines, self.check_every)
+        watchdog = _Watchdog(task, self.deadlines, self.total_timeout, self.check_every)
         stop_watching = _watch_disconnect(client, receive, watchdog)
         try:
-            await self._exchange(send, url, body, headers, exchange, watchdog)
+            await self._exchange(send, scope["query_string"], headers, body, exchange, watchdog)
         except asyncio.CancelledError:
             if watchdog.reason is None or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
@@ -154,7 +158,7 @@ class Proxy:
             watchdog.stop()
 
     async def _exchange(
-        self, send: Send, url: URL, body: bytes, headers: list[tuple[str, str]], exchange: Exchange, watchdog: _Watchdog
+        self, send: Send, query: bytes, headers: list[Header], body: bytes, exchange: Exchange, watchdog: _Watchdog
     ) -> None:
         upstream = self.upstream
         slots = upstream.slots
@@ -166,8 +170,8 @@ class Proxy:
                 sent = time.perf_counter()
                 watchdog.waiting(_UPSTREAM)
                 try:
-                    response = await upstream.session.post(url, data=body, headers=headers, allow_redirects=False)
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    response = await self.endpoint.post(query, headers, body)
+                except (aiohttp.ClientError, HttpProcessingError) as exc:
                     watchdog.waiting(_IDLE)
                     failure = classify(exc, upstream.settings)
                     self._failed(exchange, failure.kind)
@@ -200,9 +204,7 @@ class Proxy:
             log.info("retrying %s in %.2f s (attempt %d: %s)", self.path, delay, exchange.attempts, reason)
             await asyncio.sleep(delay)
 
-    async def _relay(
-        self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange, watchdog: _Watchdog
-    ) -> None:
+    async def _relay(self, response: Response, send: Send, exchange: Exchange, watchdog: _Watchdog) -> None:
         """Send each chunk as soon as aiohttp has it: no re-chunking, no line splitting, no buffering."""
         headers = client_response_headers(response.raw_headers)
         if self.timing_header:
@@ -222,7 +224,7 @@ class Proxy:
                 exchange.bytes_out += len(chunk)
                 if last:
                     break
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientError as exc:
             # Returning without the final body message makes uvicorn close the client's connection:
             # the client sees a truncated body, never a clean end of a partial one.
             response.close()
@@ -234,13 +236,13 @@ class Proxy:
             response.release()
 
     async def _gave_up(self, reason: str, send: Send, exchange: Exchange, client: ClientConnection | None) -> None:
-        if reason is _UPSTREAM_SILENT:
-            cause = f"nothing for read_timeout ({self.deadlines[_UPSTREAM]} s)"
+        timed_out = self.timed_out.get(reason)
+        if timed_out is not None:
             if exchange.status == 0:
-                self._failed(exchange, self.silent.kind)
-                await self._upstream_failed(send, self.silent, exchange, cause)
+                self._failed(exchange, timed_out.kind)
+                await self._upstream_failed(send, timed_out, exchange, timed_out.kind)
             else:
-                self._cut(exchange, cause)  # returning unfinished aborts the client's connection, as above
+                self._cut(exchange, timed_out.message)  # returning unfinished aborts the client's connection, as above
             return
         exchange.client_gone = True
         if exchange.status == 0:
@@ -270,9 +272,6 @@ def classify(exc: BaseException, settings: Settings) -> Failure:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         message = f"could not connect to the upstream within connect_timeout ({settings.connect_timeout} s)"
         return Failure(504, "upstream_timeout", "connect_timeout", message)
-    if isinstance(exc, TimeoutError):
-        message = f"the upstream did not finish within total_timeout ({settings.total_timeout} s)"
-        return Failure(504, "upstream_timeout", "total_timeout", message)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         message = f"cannot resolve the upstream host {exc.host}: {exc.os_error.strerror or exc.os_error}"
         return Failure(502, "upstream_unreachable", "dns", message)
@@ -321,18 +320,21 @@ async def _read_chunks(receive: Receive, limit: int) -> bytes:
 
 
 class _Watchdog:
-    """Gives up on an exchange, once, by cancelling its task: when its client leaves, or when what it
-    waits for stalls: an upstream silent for read_timeout (its answer, or the next chunk), or a client
-    that takes no byte for client_write_timeout (uvicorn's send waits for a full socket without limit).
+    """Gives up on an exchange, once, by cancelling its task: when its client leaves, when the whole
+    exchange outlasts total_timeout, or when what it waits for stalls: an upstream silent for read_timeout
+    (its answer, or the next chunk), or a client that takes no byte for client_write_timeout (uvicorn's
+    send waits for a full socket without limit).
 
     The proxy only notes what it waits for and since when; one timer per request compares that with
-    the deadline and re-arms itself. A timer rescheduled on every chunk, as aiohttp's sock_read does,
+    the deadlines and re-arms itself. A timer rescheduled on every chunk, as aiohttp's sock_read does,
     costs more than relaying a small SSE event.
     """
 
-    __slots__ = ("task", "reason", "phase", "since", "_deadlines", "_check_every", "_loop", "_now", "_timer")
+    __slots__ = ("task", "reason", "phase", "since", "_deadlines", "_end", "_check_every", "_loop", "_now", "_timer")
 
-    def __init__(self, task: asyncio.Task[object], deadlines: tuple[float | None, ...], check_every: float | None) -> None:
+    def __init__(
+        self, task: asyncio.Task[object], deadlines: tuple[float | None, ...], total: float | None, check_every: float | None
+    ) -> None:
         self.task = task
         self.reason: str | None = None
         self.phase = _IDLE
@@ -341,6 +343,7 @@ class _Watchdog:
         self._loop = task.get_loop()
         self._now = self._loop.time
         self.since = self._now()
+        self._end = self.since + total if total is not None else None
         self._timer = self._loop.call_at(self.since + check_every, self._check) if check_every else None
 
     def waiting(self, phase: int) -> None:
@@ -360,10 +363,13 @@ class _Watchdog:
             self.task.cancel()
 
     def _check(self) -> None:
-        deadline = self._deadlines[self.phase]
+        self._timer = None
         now = self._now()
+        if self._end is not None and now >= self._end:
+            self._give_up(_TOO_LONG)
+            return
+        deadline = self._deadlines[self.phase]
         if deadline is not None and now - self.since >= deadline:
-            self._timer = None
             self._give_up(_STOPPED_READING if self.phase == _CLIENT else _UPSTREAM_SILENT)
             return
         # Not due yet. The wait may change to one with a shorter deadline before then, so look again
@@ -371,6 +377,8 @@ class _Watchdog:
         wake = now + self._check_every
         if deadline is not None:
             wake = min(wake, self.since + deadline)
+        if self._end is not None:
+            wake = min(wake, self._end)
         self._timer = self._loop.call_at(wake, self._check)
 
 
@@ -397,7 +405,8 @@ def _server_timing(exchange: Exchange) -> bytes:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = " ".join(str(exc).split())  # one log line, though aiohttp's parser errors span several
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _redact(text: str, settings: Settings) -> str:

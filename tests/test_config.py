@@ -140,6 +140,13 @@ CONFIG_ERRORS: list[tuple[str, Mapping[str, Any] | str | None, Mapping[str, Any]
     ("secret-as-url", valid_config(openai_base_url="${policy_api_key}"), VALID_ENV, ["{config}", "openai_base_url"]),
     ("authorization-header", valid_config(openai_default_headers={"Authorization": "Bearer ${policy_api_key}"}),
      VALID_ENV, ["{config}", "openai_default_headers", "openai_api_key"]),
+    # Both go into the upstream request's head: a line break would start a header of its own.
+    ("key-with-line-break", valid_config(), {**VALID_ENV, "policy_api_key": SECRET + "\nX-Injected: 1"},
+     ["{config}", "openai_api_key", "one line"]),
+    ("header-with-line-break", valid_config(openai_default_headers={"X-Team": "rl\r\nX-Injected: 1"}), VALID_ENV,
+     ["{config}", "openai_default_headers", "one-line"]),
+    ("framing-header", valid_config(openai_default_headers={"Content-Length": "5"}), VALID_ENV,
+     ["{config}", "openai_default_headers", "content-length"]),
     ("env-file-not-yaml", valid_config(), f"policy_api_key: {SECRET}\n  broken: [\n", ["{env}", "not valid YAML"]),
     # Credentials in the URL would be printed wherever the URL is (the startup line, errors).
     ("credentials-in-url", valid_config(openai_base_url=f"http://user:{SECRET}@127.0.0.1:9/v1"), VALID_ENV,

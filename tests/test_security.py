@@ -119,7 +119,7 @@ FAILURES = {
     ),
     "malformed-response": Failure(
         post_bytes(CHAT_BODY), 502, "bad_upstream_response", "-> 502: the upstream's answer could not be read",
-        "ClientResponseError", handler=malformed_status_line,
+        "HttpProcessingError", handler=malformed_status_line,
     ),
     "silent-upstream": Failure(
         with_fault("hang"), 504, "upstream_timeout", "-> 504: the upstream sent nothing", "read_timeout"
