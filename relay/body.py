@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import json
 import multiprocessing
+import os
 import signal
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -88,8 +89,11 @@ class Patcher:
 
 def _start_helper() -> None:
     """In the helper process: Ctrl-C and shutdown are the relay's to handle, and the helper must not
-    outlive a relay that was killed outright (Linux: the kernel sends it SIGTERM then)."""
+    outlive a relay that was killed outright (Linux: the kernel sends it SIGTERM then). It yields the CPU
+    to the relay's event loop: where both share a core (a worker pinned, a container of one CPU), a big
+    body's patch then slows that one request instead of every stream the loop is relaying."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(10)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
