@@ -80,20 +80,47 @@ class Response:
     End it with `release()` once the body is read (the connection goes back to the pool if the upstream
     keeps it alive) or `close()` (the connection is dropped: nothing more is read from it)."""
 
-    __slots__ = ("status", "headers", "raw_headers", "content", "_connection")
+    __slots__ = ("status", "headers", "raw_headers", "content", "_connection", "_closed")
 
-    def __init__(self, connection: aiohttp.connector.Connection, message: RawResponseMessage, payload: StreamReader):
+    def __init__(
+        self, connection: aiohttp.connector.Connection, message: RawResponseMessage, payload: StreamReader
+    ) -> None:
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.raw_headers: tuple[Header, ...] = message.raw_headers
         self.content = payload
         self._connection = connection
+        # aiohttp 3.14 leaves a body waiting forever when the connection breaks on a malformed chunk (the
+        # parser fails the connection, not the body): the body fails here once the connection is gone.
+        protocol = connection.protocol
+        self._closed = protocol.closed if protocol is not None else None
+        if self._closed is not None:
+            self._closed.add_done_callback(self._connection_lost)
 
     def release(self) -> None:
+        transport = self._connection.transport
+        if transport is None or transport.get_write_buffer_size():
+            # The upstream answered before reading all of the request body: what is still to be sent
+            # would sit in front of the next request on this connection.
+            self.close()
+            return
+        self._stop_watching()
         self._connection.release()  # the connector closes it instead if the body was not read to its end
 
     def close(self) -> None:
+        self._stop_watching()
         self._connection.close()
+
+    def _stop_watching(self) -> None:
+        if self._closed is not None:
+            self._closed.remove_done_callback(self._connection_lost)
+            self._closed = None
+
+    def _connection_lost(self, closed: asyncio.Future[None]) -> None:
+        if not closed.cancelled():
+            closed.exception()  # retrieved; what matters to the client is the body's own error
+        if not self.content.is_eof() and self.content.exception() is None:
+            self.content.set_exception(aiohttp.ClientPayloadError("the upstream connection closed in the middle of the body"))
 
 
 class Upstream:
@@ -135,7 +162,8 @@ class Upstream:
 
 
 class Endpoint:
-    """POST to one URL of the upstream: `await endpoint.post(query, headers, body)` -> Response."""
+    """POST to one URL of the upstream: `connection = await endpoint.connect()`, then
+    `await endpoint.send(connection, query, headers, body)` -> Response (which owns the connection)."""
 
     def __init__(self, upstream: Upstream, url: URL) -> None:
         settings = upstream.settings
@@ -152,14 +180,30 @@ class Endpoint:
         self._timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
         self._address: aiohttp.ClientRequest | None = None  # what connector.connect() keys its pool on
 
-    async def post(self, query: bytes, headers: list[Header], body: bytes) -> Response:
+    async def connect(self) -> aiohttp.connector.Connection:
+        """A connection to the upstream: a pooled one that is clean, or a new one."""
+        if self._address is None:
+            self._address = aiohttp.ClientRequest("POST", self.url, loop=asyncio.get_running_loop())
+        while True:
+            try:
+                connection = await self.upstream.connector.connect(self._address, [], self._timeout)
+            except TimeoutError as exc:  # what ClientSession turns it into too
+                raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self.url}") from exc
+            protocol = connection.protocol
+            if protocol is not None and not protocol.should_close:
+                return connection
+            # The upstream wrote on it while it sat in the pool (an unsolicited 408, a late answer), or it
+            # broke: read from it, the next request would get that instead of its own answer.
+            connection.close()
+
+    async def send(
+        self, connection: aiohttp.connector.Connection, query: bytes, headers: list[Header], body: bytes
+    ) -> Response:
         """Send the request, wait for the answer's head. The client's `headers` are lower-case pairs."""
-        connection = await self._connect()
         try:
             protocol = connection.protocol
             transport = connection.transport
-            if protocol is None or transport is None or transport.is_closing():
-                raise aiohttp.ClientConnectionResetError("the pooled upstream connection is closed")
+            assert protocol is not None and transport is not None  # connect() hands over open ones only
             protocol.set_response_params(read_until_eof=True, auto_decompress=False)
             transport.writelines((self._head(query, headers, len(body)), body))
             message, payload = await _final_answer(protocol)
@@ -167,14 +211,6 @@ class Endpoint:
             connection.close()
             raise
         return Response(connection, message, payload)
-
-    async def _connect(self) -> aiohttp.connector.Connection:
-        if self._address is None:
-            self._address = aiohttp.ClientRequest("POST", self.url, loop=asyncio.get_running_loop())
-        try:
-            return await self.upstream.connector.connect(self._address, [], self._timeout)
-        except TimeoutError as exc:  # what ClientSession turns it into too
-            raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self.url}") from exc
 
     def _head(self, query: bytes, headers: list[Header], length: int) -> bytes:
         target = self._path + b"?" + query if query else self._path

@@ -25,6 +25,7 @@ DEFAULT_ENV_FILE = "env.yaml"
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LINE_BREAK = re.compile(r"[\r\n\x00]")
+_UNPRINTABLE_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field names
 _RELAY_OWNED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
@@ -186,7 +187,9 @@ def _text(value: Any) -> str:
 
 
 def _base_url(value: Any) -> str:
-    parts = urlsplit(_text(value))
+    if _UNPRINTABLE_OR_SPACE.search(_text(value)):
+        raise ValueError("must not contain spaces or control characters: it goes into the request line")
+    parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
     if parts.query or parts.fragment:

@@ -163,8 +163,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._client = ClientConnection(self.transport.abort)
         self.scope[CLIENT_KEY] = self._client  # type: ignore[literal-required]
+        previous = self.cycle
         super().on_headers_complete()
-        self.cycle.transport = HeadWriter(self.transport, self.loop)  # type: ignore[assignment]
+        if self.cycle is not previous:  # uvicorn makes none for an upgrade request (it hands those over)
+            self.cycle.transport = HeadWriter(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:  # the rest of a chunk is still parsed after a refusal: ignore it

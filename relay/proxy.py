@@ -150,7 +150,7 @@ class Proxy:
         except asyncio.CancelledError:
             if watchdog.reason is None or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
-            await self._gave_up(watchdog.reason, send, exchange, client)
+            await self._gave_up(watchdog, send, exchange, client)
         finally:
             # No await stands between the last send and here, so the watch cannot mistake the completed
             # response (which uvicorn reports as http.disconnect) for a client that left.
@@ -168,9 +168,10 @@ class Proxy:
             try:
                 exchange.attempts += 1
                 sent = time.perf_counter()
-                watchdog.waiting(_UPSTREAM)
                 try:
-                    response = await self.endpoint.post(query, headers, body)
+                    connection = await self.endpoint.connect()  # within connect_timeout, not read_timeout
+                    watchdog.waiting(_UPSTREAM)
+                    response = await self.endpoint.send(connection, query, headers, body)
                 except (aiohttp.ClientError, HttpProcessingError) as exc:
                     watchdog.waiting(_IDLE)
                     failure = classify(exc, upstream.settings)
@@ -235,22 +236,27 @@ class Proxy:
         else:
             response.release()
 
-    async def _gave_up(self, reason: str, send: Send, exchange: Exchange, client: ClientConnection | None) -> None:
+    async def _gave_up(
+        self, watchdog: _Watchdog, send: Send, exchange: Exchange, client: ClientConnection | None
+    ) -> None:
+        reason = watchdog.reason
+        assert reason is not None
         timed_out = self.timed_out.get(reason)
         if timed_out is not None:
             if exchange.status == 0:
                 self._failed(exchange, timed_out.kind)
                 await self._upstream_failed(send, timed_out, exchange, timed_out.kind)
-            else:
-                self._cut(exchange, timed_out.message)  # returning unfinished aborts the client's connection, as above
-            return
-        exchange.client_gone = True
-        if exchange.status == 0:
-            exchange.status = 499  # nginx's "client closed request": nothing was sent
-        if reason is _STOPPED_READING and client is not None:
-            # uvicorn's close would wait for the client to read what is buffered: it never will.
+                return
+            self._cut(exchange, timed_out.message)  # returning unfinished ends the client's connection, as above
+        else:
+            exchange.client_gone = True
+            if exchange.status == 0:
+                exchange.status = 499  # nginx's "client closed request": nothing was sent
+            log.debug("%s on %s; upstream request cancelled", reason, self.path)
+        if watchdog.phase == _CLIENT and client is not None:
+            # Given up while a send to the client waited: uvicorn's close would wait for the client to read
+            # what is buffered, and one that stopped reading never will.
             client.abort()
-        log.debug("%s on %s; upstream request cancelled", reason, self.path)
 
     def _cut(self, exchange: Exchange, cause: str) -> None:
         self._failed(exchange, "mid_body")

@@ -145,6 +145,8 @@ CONFIG_ERRORS: list[tuple[str, Mapping[str, Any] | str | None, Mapping[str, Any]
      ["{config}", "openai_api_key", "one line"]),
     ("header-with-line-break", valid_config(openai_default_headers={"X-Team": "rl\r\nX-Injected: 1"}), VALID_ENV,
      ["{config}", "openai_default_headers", "one-line"]),
+    ("space-in-url", valid_config(openai_base_url="http://127.0.0.1:9/v1 x"), VALID_ENV,
+     ["{config}", "openai_base_url", "spaces"]),
     ("framing-header", valid_config(openai_default_headers={"Content-Length": "5"}), VALID_ENV,
      ["{config}", "openai_default_headers", "content-length"]),
     ("env-file-not-yaml", valid_config(), f"policy_api_key: {SECRET}\n  broken: [\n", ["{env}", "not valid YAML"]),

@@ -86,32 +86,46 @@ def test_body_that_arrives_in_time_is_relayed(hasty: RelayServer, upstream: Upst
     assert seen.json()["messages"] == [{"role": "user", "content": "hi"}]
 
 
-def test_client_that_stops_reading_is_given_up_and_frees_its_slot(
-    relay_factory: Callable[..., RelayServer], upstream: UpstreamThread
-) -> None:
-    # The client reads the head and then nothing: the relay's send waits on a full socket. After
-    # client_write_timeout it must let go, or the only slot (cap 1) and the upstream stream stay taken.
-    relay = relay_factory(client_write_timeout=1, max_concurrent_requests=1)
+async def _flood(request: Recorded, responder: Responder) -> None:
+    """An SSE stream of 64 KiB events, as fast as the relay takes them: 256 MiB at most."""
+    await responder.start(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])
+    event = b"data: " + b"x" * 65536 + b"\n\n"
+    for _ in range(4096):
+        if responder.closed.done():
+            return
+        await responder.chunk(event)
 
-    async def flood(request: Recorded, responder: Responder) -> None:
-        await responder.start(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])
-        event = b"data: " + b"x" * 65536 + b"\n\n"
-        for _ in range(4096):  # 256 MiB at most; the relay must give up long before
-            if responder.closed.done():
-                return
-            await responder.chunk(event)
 
-    upstream.upstream.handler = flood
+def _read_head_then_nothing(relay: RelayServer, upstream: UpstreamThread) -> None:
+    """The client reads the head and then nothing, so the relay's send waits on a full socket: the relay
+    must drop the upstream stream and the client's connection, though the client never reads again."""
+    upstream.upstream.handler = _flood
     idle_fds = relay_open_fds(relay)
     with connect(relay.port) as sock:
         sock.sendall(post_bytes(STREAM_BODY))
         assert read_head(sock).status == 200
         assert upstream.wait_for(lambda u: u.disconnects >= 1, timeout=15), "the relay kept the stalled stream"
-        # And the client's socket is dropped too, though the client still reads nothing: a close that
-        # waited for it to drain its buffer would hold the connection for as long as the client lives.
+        # A close that waited for the client to drain its buffer would hold the connection for as long
+        # as the client lives.
         deadline = time.monotonic() + 10
         while relay_open_fds(relay) > idle_fds and time.monotonic() < deadline:
             time.sleep(0.05)
         assert relay_open_fds(relay) <= idle_fds, "the relay still holds the stalled client's connection"
     upstream.upstream.handler = None
+
+
+def test_client_that_stops_reading_is_given_up_and_frees_its_slot(
+    relay_factory: Callable[..., RelayServer], upstream: UpstreamThread
+) -> None:
+    # After client_write_timeout the relay must let go, or the only slot (cap 1) and the upstream stream
+    # stay taken.
+    relay = relay_factory(client_write_timeout=1, max_concurrent_requests=1)
+    _read_head_then_nothing(relay, upstream)
     assert post(relay).status == 200  # the slot is free again
+
+
+def test_total_timeout_while_the_client_stopped_reading_drops_its_connection(
+    relay_factory: Callable[..., RelayServer], upstream: UpstreamThread
+) -> None:
+    # total_timeout fires first here, while a send to the client waits: the same stuck client.
+    _read_head_then_nothing(relay_factory(total_timeout=1, client_write_timeout=None), upstream)

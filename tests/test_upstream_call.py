@@ -33,7 +33,10 @@ class RawServer:
         self.connections = 0
         self.port = 0
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def handle(self) -> Handler:
+        return self.answer
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             while self.answers:
@@ -48,15 +51,20 @@ class RawServer:
             writer.close()
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 def run(
     answers: list[bytes],
     scenario: Callable[[Endpoint], Awaitable[object]],
     tls: trustme.CA | None = None,
     trusted: bool = True,
+    handler: Callable[[RawServer], Handler] | None = None,
     **config: object,
 ) -> tuple[object, RawServer]:
     """Serve `answers` (over TLS with a certificate from `tls`, if given, which the relay trusts only if
-    `trusted`), run `scenario` on an Endpoint for /v1/chat/completions, return its result and the server."""
+    `trusted`; or as `handler(server)` does), run `scenario` on an Endpoint for /v1/chat/completions,
+    return its result and the server."""
 
     async def main() -> object:
         server = RawServer(answers)
@@ -67,7 +75,7 @@ def run(
             if trusted:
                 client_side = ssl.create_default_context()
                 tls.configure_trust(client_side)
-        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_side)
+        listener = await asyncio.start_server((handler or RawServer.handle)(server), "127.0.0.1", 0, ssl=server_side)
         server.port = port = listener.sockets[0].getsockname()[1]
         scheme = "https" if tls else "http"
         settings = Settings(
@@ -87,7 +95,7 @@ def run(
 
 
 async def body_of(endpoint: Endpoint, headers: list[tuple[bytes, bytes]] = [], query: bytes = b"") -> tuple[int, bytes]:
-    response = await endpoint.post(query, headers, b'{"a":1}')
+    response = await endpoint.send(await endpoint.connect(), query, headers, b'{"a":1}')
     try:
         return response.status, await response.content.read()
     finally:
@@ -124,7 +132,7 @@ def test_informational_answers_are_skipped() -> None:
 def test_released_connection_is_reused_and_closed_one_is_not() -> None:
     async def three_posts(endpoint: Endpoint) -> list[int]:
         statuses = [(await body_of(endpoint))[0], (await body_of(endpoint))[0]]  # released after each
-        response = await endpoint.post(b"", [], b"{}")
+        response = await endpoint.send(await endpoint.connect(), b"", [], b"{}")
         response.close()  # dropped, unread
         statuses.append((await body_of(endpoint))[0])
         return statuses + [response.status]
@@ -141,10 +149,7 @@ def test_malformed_answer_raises_the_parsers_error() -> None:
 
 def test_https_upstream_gets_the_same_request_and_answers_over_one_kept_connection() -> None:
     # api.openai.com is HTTPS: head and body go through the TLS transport that the connector made.
-    async def two_posts(endpoint: Endpoint) -> list[tuple[int, bytes]]:
-        return [await body_of(endpoint), await body_of(endpoint)]
-
-    answers, server = run([OK, OK], two_posts, tls=trustme.CA())
+    answers, server = run([OK, OK], _twice, tls=trustme.CA())
     assert answers == [(200, b"{}"), (200, b"{}")]
     assert server.connections == 1
     assert [request.partition(b"\r\n")[0] for request in server.requests] == [b"POST /v1/chat/completions HTTP/1.1"] * 2
@@ -154,3 +159,100 @@ def test_https_upstream_gets_the_same_request_and_answers_over_one_kept_connecti
 def test_https_upstream_whose_certificate_nobody_trusts_is_refused() -> None:
     with pytest.raises(aiohttp.ClientConnectorCertificateError):
         run([OK], body_of, tls=trustme.CA(), trusted=False)
+
+
+def test_pooled_connection_with_an_unsolicited_answer_is_not_reused() -> None:
+    # An upstream may write on an idle kept-alive connection (a 408 before closing it, a late answer):
+    # a request sent on it would read that instead of its own answer.
+    stray_sent = asyncio.Event()
+
+    def stray_while_pooled(server: RawServer) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server.connections += 1
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(7)
+            writer.write(OK if server.connections == 1 else OK.replace(b"{}", b"[]"))
+            await writer.drain()
+            if server.connections == 1:
+                await asyncio.sleep(0.2)  # the relay has pooled the connection by now
+                writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+                stray_sent.set()
+                await asyncio.sleep(5)
+
+        return handle
+
+    async def twice_with_a_pause(endpoint: Endpoint) -> list[tuple[int, bytes]]:
+        first = await body_of(endpoint)
+        await stray_sent.wait()
+        await asyncio.sleep(0.2)  # for the stray answer to reach the pooled connection's parser
+        return [first, await body_of(endpoint)]
+
+    answers, server = run([], twice_with_a_pause, handler=stray_while_pooled)
+    assert answers == [(200, b"{}"), (200, b"[]")]
+    assert server.connections == 2
+
+
+def test_connection_with_request_body_still_unsent_is_not_reused() -> None:
+    # The upstream answers before reading a big body (413, say) and keeps the connection: pooled, the
+    # rest of that body would stand in front of the next request.
+    def early_answer(server: RawServer) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server.connections += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            server.requests.append(head)
+            if b"Content-Length: 2\r\n" in head:  # the small second request
+                await reader.readexactly(2)
+                writer.write(OK)
+            else:
+                writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            await asyncio.sleep(5)  # reads nothing more for now, keeps the connection
+            writer.close()
+
+        return handle
+
+    async def big_then_small(endpoint: Endpoint) -> list[int]:
+        big = await endpoint.send(await endpoint.connect(), b"", [], b"x" * (32 << 20))
+        await big.content.read()
+        big.release()
+        small = await endpoint.send(await endpoint.connect(), b"", [], b"{}")
+        await small.content.read()
+        small.release()
+        return [big.status, small.status]
+
+    statuses, server = run([], big_then_small, handler=early_answer)
+    assert statuses == [413, 200]
+    assert server.connections == 2
+
+
+def test_body_broken_by_a_malformed_chunk_fails_instead_of_waiting() -> None:
+    # aiohttp's parser fails the connection, not the body it was streaming: without relay.client's own
+    # watch the body would wait for bytes that never come, holding its client until read_timeout.
+    def bad_chunk(server: RawServer) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"zz\r\nnot a chunk\r\n")
+            await asyncio.sleep(20)  # and keeps the connection open, as a broken proxy might
+
+        return handle
+
+    async def read_all(endpoint: Endpoint) -> bytes:
+        response = await endpoint.send(await endpoint.connect(), b"", [], b"{}")
+        try:
+            got = await response.content.readany()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.content.readany()
+            return got
+        finally:
+            response.close()
+
+    got, _ = run([], read_all, handler=bad_chunk)
+    assert got == b"hello"
+
+
+async def _twice(endpoint: Endpoint) -> list[tuple[int, bytes]]:
+    return [await body_of(endpoint), await body_of(endpoint)]
