@@ -7,8 +7,9 @@ mode). Metric objects are process-wide, as the registry is: they are created onc
 The hot path counts in plain numbers (EndpointMetrics.record, with histogram buckets tallied by Tally,
 and the slot counts of relay.client) and Metrics.flush hands them to prometheus-client every
 FLUSH_SECONDS: each prometheus-client call takes a lock and walks several objects, and the seven a
-request needed cost more than the rest of its bookkeeping together. /metrics flushes its own process first, so one worker's scrape is exact and
-another worker's figures are at most FLUSH_SECONDS old. The rare failure counters count as they happen.
+request needed cost more than the rest of its bookkeeping together. /metrics flushes its own process
+first, so one worker's scrape is exact and another worker's figures are at most FLUSH_SECONDS old. The
+rare failure counters count as they happen.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from starlette.types import Receive, Scope, Send
 
 from relay.body import InvalidBody, Patcher
-from relay.client import Header, Response, Upstream
+from relay.client import Response, Upstream
 from relay.config import Settings
-from relay.headers import client_response_headers, upstream_request_headers
+from relay.headers import Header, client_response_headers, upstream_request_headers
 from relay.observe import Exchange, Observer
 from relay.protocol import CLIENT_KEY, ClientConnection
 from relay.replies import allow_header, send_error, send_not_allowed
