@@ -26,7 +26,7 @@ SERVER_OPTIONS: dict[str, object] = dict(
     # uvicorn's httptools protocol plus a deadline and a size cap for each request's head.
     http="relay.protocol:GuardedHttpToolsProtocol",
     lifespan="on",
-    ws="none",  # the relay serves no WebSocket: an Upgrade request is answered as plain HTTP/1.1
+    ws="none",  # the relay serves no WebSocket; relay.protocol refuses Upgrade requests with 400
     access_log=False,
     # The upstream's own Server and Date headers pass through; uvicorn's would duplicate them.
     server_header=False,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import weakref
 
 import aiohttp
 import aiohttp.abc
@@ -31,6 +32,8 @@ from yarl import URL
 from relay.config import Settings
 from relay.headers import Header
 from relay.retry import Retrier
+
+_SMALL_BODY = 64 * 1024  # a request body this small leaves in one write: the kernel takes it at once
 
 
 class Slots:
@@ -79,28 +82,36 @@ class Response:
     End it with `release()` once the body is read (the connection goes back to the pool if the upstream
     keeps it alive) or `close()` (the connection is dropped: nothing more is read from it)."""
 
-    __slots__ = ("status", "headers", "raw_headers", "content", "_connection", "_closed")
+    __slots__ = ("status", "headers", "raw_headers", "content", "_connection", "_closed", "_reusable")
 
     def __init__(
-        self, connection: aiohttp.connector.Connection, message: RawResponseMessage, payload: StreamReader
+        self,
+        connection: aiohttp.connector.Connection,
+        message: RawResponseMessage,
+        payload: StreamReader,
+        request_bytes: int,
     ) -> None:
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.raw_headers: tuple[Header, ...] = message.raw_headers
         self.content = payload
         self._connection = connection
+        # An answer other than success to a big request may have come before the upstream read all of it
+        # (413, 401): the rest would stand in front of the next request on this connection. (What is still
+        # unsent cannot be seen under TLS, where the socket's buffer is the TLS layer's.)
+        self._reusable = 200 <= self.status < 300 or request_bytes <= _SMALL_BODY
         # aiohttp 3.14 leaves a body waiting forever when the connection breaks on a malformed chunk (the
         # parser fails the connection, not the body): the body fails here once the connection is gone.
         protocol = connection.protocol
         self._closed = protocol.closed if protocol is not None else None
         if self._closed is not None:
+            # The future lives as long as the connection, pooled or not: its error is always retrieved.
+            self._closed.remove_done_callback(_retrieve)
+            self._closed.add_done_callback(_retrieve)
             self._closed.add_done_callback(self._connection_lost)
 
     def release(self) -> None:
-        transport = self._connection.transport
-        if transport is None or transport.get_write_buffer_size():
-            # The upstream answered before reading all of the request body: what is still to be sent
-            # would sit in front of the next request on this connection.
+        if not self._reusable:
             self.close()
             return
         self._stop_watching()
@@ -108,7 +119,7 @@ class Response:
 
     def close(self) -> None:
         self._stop_watching()
-        self._connection.close()
+        _drop(self._connection)
 
     def _stop_watching(self) -> None:
         if self._closed is not None:
@@ -116,8 +127,6 @@ class Response:
             self._closed = None
 
     def _connection_lost(self, closed: asyncio.Future[None]) -> None:
-        if not closed.cancelled():
-            closed.exception()  # retrieved; what matters to the client is the body's own error
         if not self.content.is_eof() and self.content.exception() is None:
             self.content.set_exception(aiohttp.ClientPayloadError("the upstream connection closed in the middle of the body"))
 
@@ -136,6 +145,7 @@ class Upstream:
         self.slots = Slots(settings.max_concurrent_requests)
         self.retrier = Retrier(settings.retry)
         self._connector: aiohttp.TCPConnector | None = None
+        self.handed_out: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()  # connections used before
 
     @property
     def connector(self) -> aiohttp.TCPConnector:
@@ -183,17 +193,23 @@ class Endpoint:
         """A connection to the upstream: a pooled one that is clean, or a new one."""
         if self._address is None:
             self._address = aiohttp.ClientRequest("POST", self.url, loop=asyncio.get_running_loop())
+        handed_out = self.upstream.handed_out
         while True:
             try:
                 connection = await self.upstream.connector.connect(self._address, [], self._timeout)
             except TimeoutError as exc:  # what ClientSession turns it into too
                 raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self.url}") from exc
             protocol = connection.protocol
-            if protocol is not None and not protocol.should_close:
+            if protocol is None:
+                return connection  # send() reports it
+            if protocol not in handed_out:
+                handed_out.add(protocol)
+                return connection  # a new one: whatever the upstream sent first, send()'s parser reports
+            if not protocol.should_close:
                 return connection
-            # The upstream wrote on it while it sat in the pool (an unsolicited 408, a late answer), or it
-            # broke: read from it, the next request would get that instead of its own answer.
-            connection.close()
+            # The upstream wrote on it while it sat in the pool (an unsolicited 408, a late answer):
+            # read from it, the next request would get that instead of its own answer.
+            _drop(connection)
 
     async def send(
         self, connection: aiohttp.connector.Connection, query: bytes, headers: list[Header], body: bytes
@@ -202,14 +218,15 @@ class Endpoint:
         try:
             protocol = connection.protocol
             transport = connection.transport
-            assert protocol is not None and transport is not None  # connect() hands over open ones only
+            if protocol is None or transport is None or transport.is_closing():
+                raise aiohttp.ClientConnectionResetError("the upstream connection closed before the request")
             protocol.set_response_params(read_until_eof=True, auto_decompress=False)
             transport.writelines((self._head(query, headers, len(body)), body))
             message, payload = await _final_answer(protocol)
         except BaseException:
-            connection.close()
+            _drop(connection)
             raise
-        return Response(connection, message, payload)
+        return Response(connection, message, payload, len(body))
 
     def _head(self, query: bytes, headers: list[Header], length: int) -> bytes:
         target = self._path + b"?" + query if query else self._path
@@ -223,6 +240,18 @@ class Endpoint:
              *[name + b": " + value + b"\r\n" for name, value in headers],
              b"Content-Length: %d\r\n\r\n" % length)  # fmt: skip
         )
+
+
+def _drop(connection: aiohttp.connector.Connection) -> None:
+    """Close a connection now: a graceful close would wait for the upstream to read what is still unsent."""
+    if connection.protocol is not None:
+        connection.protocol.abort()
+    connection.close()
+
+
+def _retrieve(closed: asyncio.Future[None]) -> None:
+    if not closed.cancelled():
+        closed.exception()  # the body's own error is what reaches the client
 
 
 async def _final_answer(protocol: ResponseHandler) -> tuple[RawResponseMessage, StreamReader]:

@@ -154,19 +154,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._cancel_head_timer()
-        # A head that ends in this chunk is at most the earlier chunks plus this one: measured only when
-        # that could be over the limit (a big first chunk), so the usual request counts nothing.
-        limit = self.max_head_bytes
-        if self._head_bytes + self._chunk_bytes > limit and self._parsed_head_bytes() > limit:
-            self._too_large()
+        if not self._refused:
+            # A head that ends in this chunk is at most the earlier chunks plus this one: measured only
+            # when that could be over the limit (a big first chunk), so the usual request counts nothing.
+            limit = self.max_head_bytes
+            if self._head_bytes + self._chunk_bytes > limit and self._parsed_head_bytes() > limit:
+                self._too_large()
+            elif self.parser.should_upgrade():
+                # httptools hands all that follows an Upgrade head to the new protocol, and uvicorn, which
+                # switches to none here, would drop the body or parse it as a request of its own.
+                message = "the relay does not switch protocols: send the request without Upgrade"
+                self._refuse(_reply("400 Bad Request", message, "upgrade_not_supported"))
         if self._refused:
             return
         self._client = ClientConnection(self.transport.abort)
         self.scope[CLIENT_KEY] = self._client  # type: ignore[literal-required]
-        previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not previous:  # uvicorn makes none for an upgrade request (it hands those over)
-            self.cycle.transport = HeadWriter(self.transport, self.loop)  # type: ignore[assignment]
+        self.cycle.transport = HeadWriter(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:  # the rest of a chunk is still parsed after a refusal: ignore it

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bench.upstream import UpstreamThread
-from tests.clients import Reply, exchange, post, post_bytes, request_head, connect, read_head, read_to_end, CHAT, RESPONSES, CHAT_BODY, STREAM_BODY, assert_chat_completion
+from tests.clients import Reply, exchange, post, post_bytes, request_head, connect, read_head, read_reply, read_to_end, CHAT, RESPONSES, CHAT_BODY, STREAM_BODY, assert_chat_completion
 from tests.servers import API_KEY, RelayServer, free_port
 
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -138,6 +138,28 @@ def test_absolute_form_target_goes_only_to_the_configured_upstream(relay: RelayS
     (seen,) = upstream.upstream.requests
     assert seen.path == "/v1/chat/completions"
     assert seen.header("host") == f"127.0.0.1:{upstream.port}"
+
+
+# --- Upgrade ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "upgrade", ["h2c", "websocket"], ids=["h2c-as-curl-http2-sends", "websocket"]
+)
+def test_upgrade_request_is_400_and_its_body_never_becomes_a_request(
+    relay: RelayServer, upstream: UpstreamThread, upgrade: str
+) -> None:
+    # httptools passes what follows an Upgrade head to the new protocol; uvicorn would drop the body, or
+    # parse a body that looks like a request as one: this one would reach the upstream, key and all.
+    smuggled = post_bytes(CHAT_BODY)
+    headers = {"Content-Type": "application/json", "Connection": "Upgrade", "Upgrade": upgrade}
+    with connect(relay.port) as sock:
+        sock.sendall(request_head("POST", CHAT, headers, len(smuggled)))
+        sock.sendall(smuggled)
+        reply = read_reply(sock)
+        assert_relay_error(reply, 400, "upgrade_not_supported")
+        assert_connection_closed(sock)
+    assert_upstream_untouched(upstream)
 
 
 # --- 405 ---------------------------------------------------------------------------------------------

@@ -8,12 +8,16 @@ Everything else about the relay is tested through a running relay."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 import trustme
+import uvloop
 from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.client import Endpoint, Upstream
@@ -91,7 +95,8 @@ def run(
             await listener.wait_closed()
         return result, server
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the loop `relay serve` runs on
+        return runner.run(main())
 
 
 async def body_of(endpoint: Endpoint, headers: list[tuple[bytes, bytes]] = [], query: bytes = b"") -> tuple[int, bytes]:
@@ -193,9 +198,11 @@ def test_pooled_connection_with_an_unsolicited_answer_is_not_reused() -> None:
     assert server.connections == 2
 
 
-def test_connection_with_request_body_still_unsent_is_not_reused() -> None:
+@pytest.mark.parametrize("tls", [None, trustme.CA()], ids=["http", "https"])
+def test_connection_with_request_body_still_unsent_is_not_reused(tls: trustme.CA | None) -> None:
     # The upstream answers before reading a big body (413, say) and keeps the connection: pooled, the
-    # rest of that body would stand in front of the next request.
+    # rest of that body would stand in front of the next request. (Under TLS the unsent part is not
+    # visible in the socket's buffer: the answer and the body's size tell.)
     def early_answer(server: RawServer) -> Handler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             server.connections += 1
@@ -221,7 +228,7 @@ def test_connection_with_request_body_still_unsent_is_not_reused() -> None:
         small.release()
         return [big.status, small.status]
 
-    statuses, server = run([], big_then_small, handler=early_answer)
+    statuses, server = run([], big_then_small, tls=tls, handler=early_answer)
     assert statuses == [413, 200]
     assert server.connections == 2
 
@@ -256,3 +263,61 @@ def test_body_broken_by_a_malformed_chunk_fails_instead_of_waiting() -> None:
 
 async def _twice(endpoint: Endpoint) -> list[tuple[int, bytes]]:
     return [await body_of(endpoint), await body_of(endpoint)]
+
+
+def test_upstream_that_speaks_first_fails_the_request_once() -> None:
+    # A base URL that points at a server which talks before it is asked (an SSH port, say): the new
+    # connection's first bytes are not an answer to anything. One connection, one error; no retry loop.
+    def banner(server: RawServer) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server.connections += 1
+            writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)
+
+        return handle
+
+    async def one_post(endpoint: Endpoint) -> str:
+        await asyncio.sleep(0.1)  # the banner arrives before the request goes out
+        try:
+            await body_of(endpoint)
+        except HttpProcessingError as exc:
+            return type(exc).__name__
+        return "answered"
+
+    outcome, server = run([], one_post, handler=banner)
+    assert outcome != "answered"
+    assert server.connections == 1
+
+
+def test_connection_lost_in_the_pool_leaves_no_unretrieved_error() -> None:
+    # relay.client watches each connection's `closed` future; one that breaks while pooled must not
+    # leave asyncio reporting "Future exception was never retrieved".
+    def reset_when_idle(server: RawServer) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server.connections += 1
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(7)
+            writer.write(OK)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            if server.connections > 1:
+                return
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # RST: the pooled connection is lost with an error
+
+        return handle
+
+    async def post_then_wait(endpoint: Endpoint) -> list[dict[str, object]]:
+        reported: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        await body_of(endpoint)
+        await asyncio.sleep(0.5)  # the reset reaches the pooled connection
+        await body_of(endpoint)  # the pool drops the broken one and connects anew
+        gc.collect()
+        await asyncio.sleep(0)
+        return reported
+
+    reported, _ = run([], post_then_wait, handler=reset_when_idle)
+    assert [context["message"] for context in reported if "never retrieved" in str(context["message"])] == []
