@@ -8,10 +8,12 @@ endpoint: ClientSession.request spent more CPU per request than the rest of the 
 what a relay never uses (cookie jar, redirect loop, tracing, payload objects, request and response
 wrappers). `make bench`, 1 KB chat at c=64: 92 -> 58 us of relay CPU per request.
 
-This leans on three things aiohttp documents loosely: `connector.connect()` takes a ClientRequest (one
-is built per endpoint and stands for its address), and a connection's ResponseHandler is given its
-parser with `set_response_params()` and yields `(message, payload)` from `read()`. pyproject.toml pins
-the aiohttp minor version for that reason; tests/test_upstream_call.py exercises each of them.
+This leans on parts of aiohttp that its documentation barely covers: `connector.connect()` takes a
+ClientRequest (one is built per endpoint and stands for its address), and a connection's ResponseHandler
+is given its parser with `set_response_params()`, yields `(message, payload)` from `read()`, and tells
+through `should_close`, `closed` and `abort()` whether it can be reused, when it is gone, and how to drop
+it. pyproject.toml pins the aiohttp minor version for that reason; tests/test_upstream_call.py exercises
+each of them.
 """
 
 from __future__ import annotations
