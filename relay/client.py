@@ -107,9 +107,6 @@ class Response:
         protocol = connection.protocol
         self._closed = protocol.closed if protocol is not None else None
         if self._closed is not None:
-            # The future lives as long as the connection, pooled or not: its error is always retrieved.
-            self._closed.remove_done_callback(_retrieve)
-            self._closed.add_done_callback(_retrieve)
             self._closed.add_done_callback(self._connection_lost)
 
     def release(self) -> None:
@@ -206,6 +203,9 @@ class Endpoint:
                 return connection  # send() reports it
             if protocol not in handed_out:
                 handed_out.add(protocol)
+                closed = protocol.closed  # Response watches it; it lives as long as the connection, pooled or not
+                if closed is not None:
+                    closed.add_done_callback(_retrieve)  # so its error, if any, is always retrieved
                 return connection  # a new one: whatever the upstream sent first, send()'s parser reports
             if not protocol.should_close:
                 return connection

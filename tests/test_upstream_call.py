@@ -37,9 +37,6 @@ class RawServer:
         self.connections = 0
         self.port = 0
 
-    def handle(self) -> Handler:
-        return self.answer
-
     async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
@@ -79,7 +76,7 @@ def run(
             if trusted:
                 client_side = ssl.create_default_context()
                 tls.configure_trust(client_side)
-        listener = await asyncio.start_server((handler or RawServer.handle)(server), "127.0.0.1", 0, ssl=server_side)
+        listener = await asyncio.start_server(handler(server) if handler else server.answer, "127.0.0.1", 0, ssl=server_side)
         server.port = port = listener.sockets[0].getsockname()[1]
         scheme = "https" if tls else "http"
         settings = Settings(
