@@ -10,7 +10,7 @@ DURATION ?=
 REPEATS ?=
 BENCH_ARGS ?=
 
-.PHONY: install run test bench bench-quick soak clean
+.PHONY: install run test unit test-latest bench bench-quick soak clean
 
 install: $(STAMP)
 
@@ -25,11 +25,29 @@ run: $(STAMP)
 	@if [ -f env.yaml ]; then \
 		exec $(VENV)/bin/relay serve --config $(CONFIG) --port $(PORT); \
 	else \
-		exec $(PY) -m bench.local --config $(CONFIG) --port $(PORT); \
+		exec $(VENV)/bin/relay serve --local --config $(CONFIG) --port $(PORT); \
 	fi
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The pure-logic tests alone, in a few seconds (no processes, no sockets but loopback in-process ones).
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+# The whole suite against the newest release of every dependency, pins ignored, in a throwaway venv:
+# taking a new version is this command, then moving its pin in pyproject.toml. tests/unit/test_seams.py
+# names what a new release broke inside relay/seams/.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade starlette 'uvicorn[standard]' aiohttp prometheus-client \
+		multidict yarl httptools orjson pyyaml pytest trustme openai
+	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(starlette|uvicorn|aiohttp|prometheus.client) '
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; rm -rf $(LATEST); exit $$status
 
 # About three minutes, no network, no credentials: what the relay costs over talking to the upstream
 # directly. Longer: make bench DURATION=5 REPEATS=7. Figures and a plot land in bench/results/.
@@ -44,4 +62,4 @@ soak: $(STAMP)
 	SOAK_SECONDS=120 $(PY) -m pytest -s tests/test_soak.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache

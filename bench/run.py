@@ -1,6 +1,6 @@
 """`make bench`: what does the relay cost over talking to the upstream directly, on this machine?
 
-Starts the fake upstream (bench/upstream.py), the relay the way users start it (`python -m relay serve
+Starts the fake upstream (`python -m relay.testing`), the relay the way users start it (`python -m relay serve
 --config ... --env-file ... --workers 1`) and the floor app, all on 127.0.0.1. The relay and the floor
 app get one core to themselves; the upstream, the load generator and this process share the others. Every
 figure is measured through the relay and directly against the upstream in the same run, interleaved
@@ -126,7 +126,7 @@ class Bench:
     def start(self) -> None:
         py = sys.executable
         self.upstream = self.procs.start(
-            "upstream", [py, "-m", "bench.upstream", "--port", str(self.upstream_port)], self.cores.others
+            "upstream", [py, "-m", "relay.testing", "--port", str(self.upstream_port)], self.cores.others
         )
         wait_listening(self.upstream_port, self.upstream)
         config = self.work / "relay.yaml"

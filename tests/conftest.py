@@ -1,5 +1,5 @@
 """Fixtures. Real sockets only: the relay runs as a real `relay serve` process (tests/servers.py) in front of
-the fake OpenAI upstream of bench/upstream.py, which runs in a thread of the test process so each test can
+the fake OpenAI upstream of relay/testing, which runs in a thread of the test process so each test can
 script it and read what it received."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.servers import RELAY_SERVE, RelayServer, start_relay
 
 

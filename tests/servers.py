@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ from starlette.types import ASGIApp
 
 from bench.procs import rss_bytes
 from relay.config import CONFIG_ENV, ENV_FILE_ENV
+from relay.testing.ports import free_port  # re-exported: tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-relay-SECRET-0123456789abcdef"
 MODEL = "relay-test-model"
 START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
