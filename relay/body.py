@@ -1,16 +1,11 @@
-"""The only two changes the relay makes to a request body: the model, and the extra_body defaults."""
+"""What the relay changes in a request body, in one orjson pass: the model, the extra_body defaults, and
+the optional rewrites an endpoint's Rules name. Everything else is kept as sent, big integers included."""
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import json
-import multiprocessing
-import os
-import signal
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -27,86 +22,52 @@ class InvalidBody(ValueError):
     """The request body is not a JSON object."""
 
 
-def patch(raw: bytes, model: str, extra_body: Mapping[str, Any]) -> bytes:
-    """Set `model`, add each extra_body key the request does not set (an explicit null counts as set)."""
+@dataclass(frozen=True)
+class Rules:
+    """What one endpoint changes in its request bodies (plain data: it travels to the helper process)."""
+
+    model: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # extra_body: added where the request has no such key
+    drop_reasoning_items: bool = False  # Responses: `type: reasoning` items leave the `input` list
+    stream_usage: bool = False  # chat: a stream asks for the usage chunk unless the client said otherwise
+
+
+def patch(raw: bytes, rules: Rules) -> bytes:
+    """Set `model`, add each default the request does not set (an explicit null counts as set), apply
+    the endpoint's rewrites."""
     try:
         request = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return _patch_exactly(raw, model, extra_body, reason=str(exc))
+        return _patch_exactly(raw, rules, reason=str(exc))
     if not isinstance(request, dict):
         raise InvalidBody(f"the request body must be a JSON object, not {_json_type(request)}")
-    _apply(request, model, extra_body)
+    _apply(request, rules)
     try:
         patched = orjson.dumps(request)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
-        return _patch_exactly(raw, model, extra_body, reason="")
+        return _patch_exactly(raw, rules, reason="")
     if b"+" in patched and b"e+" in patched and _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY):
-        return _patch_exactly(raw, model, extra_body, reason="")
+        return _patch_exactly(raw, rules, reason="")
     return patched
 
 
-class Patcher:
-    """Patches bodies for one process: inline, or in a helper process when they are big.
-
-    Parsing and re-serialising megabytes holds the event loop (and, orjson being C that keeps the GIL,
-    any thread) for tens of milliseconds, during which no other stream moves. Bodies of at least
-    `offload_bytes` are patched in a helper process instead, started on first use:
-    `await patcher.elsewhere(raw)` when `patcher.offloads(raw)`, else `patcher(raw)`.
-    """
-
-    def __init__(self, model: str, extra_body: Mapping[str, Any], offload_bytes: int | None) -> None:
-        self.model = model
-        self.extra_body = dict(extra_body)  # a plain dict travels to the helper process
-        self.offload_bytes = offload_bytes
-        self._pool: ProcessPoolExecutor | None = None
-
-    def __call__(self, raw: bytes) -> bytes:
-        return patch(raw, self.model, self.extra_body)
-
-    def offloads(self, raw: bytes) -> bool:
-        return self.offload_bytes is not None and len(raw) >= self.offload_bytes
-
-    async def elsewhere(self, raw: bytes) -> bytes:
-        if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper)
-        pool = self._pool
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, patch, raw, self.model, self.extra_body)
-        except BrokenProcessPool:
-            # The helper died (killed, out of memory): patch this one here, and start a new helper next
-            # time (unless a request that failed earlier already did).
-            if self._pool is pool:
-                self._pool = None
-                pool.shutdown(wait=False)
-            return self(raw)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
-def _start_helper() -> None:
-    """In the helper process: Ctrl-C and shutdown are the relay's to handle, and the helper must not
-    outlive a relay that was killed outright (Linux: the kernel sends it SIGTERM then). It yields the CPU
-    to the relay's event loop: where both share a core (a worker pinned, a container of one CPU), a big
-    body's patch then slows that one request instead of every stream the loop is relaying."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(10)
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the helper then ends when the relay's pipe to it closes
-
-
-def _apply(request: dict[str, Any], model: str, extra_body: Mapping[str, Any]) -> None:
-    request["model"] = model
-    for key, value in extra_body.items():
+def _apply(request: dict[str, Any], rules: Rules) -> None:
+    request["model"] = rules.model
+    for key, value in rules.defaults.items():
         request.setdefault(key, value)
+    if rules.drop_reasoning_items:
+        items = request.get("input")
+        if isinstance(items, list):
+            request["input"] = [item for item in items if not (isinstance(item, dict) and item.get("type") == "reasoning")]
+    if rules.stream_usage and request.get("stream") is True:
+        options = request.get("stream_options")
+        if options is None:
+            request["stream_options"] = {"include_usage": True}
+        elif isinstance(options, dict):
+            options.setdefault("include_usage", True)
 
 
-def _patch_exactly(raw: bytes, model: str, extra_body: Mapping[str, Any], reason: str) -> bytes:
+def _patch_exactly(raw: bytes, rules: Rules, reason: str) -> bytes:
     """The standard library's path: big integers stay exact and lone surrogates survive as escapes."""
     try:
         request = json.loads(raw, parse_constant=_reject_constant)
@@ -116,7 +77,7 @@ def _patch_exactly(raw: bytes, model: str, extra_body: Mapping[str, Any], reason
         raise InvalidBody("the request body is nested too deeply") from None
     if not isinstance(request, dict):
         raise InvalidBody(f"the request body must be a JSON object, not {_json_type(request)}")
-    _apply(request, model, extra_body)
+    _apply(request, rules)
     try:
         return json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:  # a number too large for a double, such as 1e400

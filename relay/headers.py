@@ -31,6 +31,7 @@ NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"content-type",
+    b"content-encoding",  # the relay forwards the body it patched, which is plain JSON
     b"expect",
     b"authorization",
     b"cookie",

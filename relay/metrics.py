@@ -4,12 +4,11 @@ With several workers, `relay serve` points PROMETHEUS_MULTIPROC_DIR at a fresh d
 workers start, and /metrics then adds up the files of every worker (prometheus-client's multiprocess
 mode). Metric objects are process-wide, as the registry is: they are created once, on first use.
 
-The hot path counts in plain numbers (EndpointMetrics.record, with histogram buckets tallied by Tally,
-and the slot counts of relay.client) and Metrics.flush hands them to prometheus-client every
-FLUSH_SECONDS: each prometheus-client call takes a lock and walks several objects, and the seven a
-request needed cost more than the rest of its bookkeeping together. /metrics flushes its own process
-first, so one worker's scrape is exact and another worker's figures are at most FLUSH_SECONDS old. The
-rare failure counters count as they happen.
+The hot path counts in plain numbers (EndpointMetrics.record, histogram buckets tallied by Tally, the slot
+counts of relay.slots) and Metrics.flush hands them to prometheus-client every FLUSH_SECONDS: each
+prometheus-client call takes a lock and walks several objects, and the seven a request needed cost more
+than the rest of its bookkeeping together. /metrics flushes its own process first, so one worker's scrape
+is exact and another worker's figures are at most FLUSH_SECONDS old. Rare events count as they happen.
 """
 
 from __future__ import annotations
@@ -17,40 +16,40 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import logging
 import os
 from collections.abc import Callable
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 from starlette.types import Receive, Scope, Send
+
+from relay.failures import KINDS
+from relay.seams import prometheus_internals
+
+log = logging.getLogger("relay")
 
 FLUSH_SECONDS = 0.5  # at 8,000 requests/s a flush holds the loop about 5 ms
 
 # From sub-millisecond slot waits to reasoning models that think for many minutes.
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+RETRY_REASONS = ("stale_connection", *KINDS[:-1], "429", "500", "502", "503", "504")
+REFUSAL_REASONS = ("invalid_host", "invalid_origin", "invalid_api_key")
+
+prometheus_client.disable_created_metrics()  # *_created series: one more per label set, read by nobody
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.bulk = prometheus_internals.bulk_supported()
+        if not self.bulk:
+            log.warning("relay: %s; histograms fall back to observe()", prometheus_internals.problems()[0])
         self.requests = Counter("relay_requests", "Requests answered, by endpoint and status", ["endpoint", "status"])
-        self.in_flight = Gauge(
-            "relay_upstream_in_flight", "Upstream requests in flight", multiprocess_mode="livesum"
-        )
-        self.waiting = Gauge(
-            "relay_slot_waiting", "Requests waiting for a concurrency slot", multiprocess_mode="livesum"
-        )
+        self.in_flight = Gauge("relay_upstream_in_flight", "Upstream requests in flight", multiprocess_mode="livesum")
+        self.waiting = Gauge("relay_slot_waiting", "Requests waiting for a concurrency slot", multiprocess_mode="livesum")
         self.slot_wait = Histogram("relay_slot_wait_seconds", "Time spent waiting for a concurrency slot", buckets=_SECONDS)
-        self.ttfb = Histogram(
-            "relay_upstream_ttfb_seconds", "Upstream time to response headers", ["endpoint"], buckets=_SECONDS
-        )
+        self.ttfb = Histogram("relay_upstream_ttfb_seconds", "Upstream time to response headers", ["endpoint"], buckets=_SECONDS)
         self.duration = Histogram(
             "relay_request_duration_seconds", "Whole request, body relayed", ["endpoint"], buckets=_SECONDS
         )
@@ -58,7 +57,12 @@ class Metrics:
         self.bytes_out = Counter("relay_response_bytes", "Response body bytes relayed to clients", ["endpoint"])
         self.upstream_errors = Counter("relay_upstream_errors", "Upstream failures, by kind", ["kind"])
         self.retries = Counter("relay_retries", "Upstream requests tried again, by reason", ["reason"])
-        self.slot_wait_tally = Tally(self.slot_wait)
+        self.refused = Counter("relay_refused", "Requests refused before routing, by reason", ["reason"])
+        # Alerts take rate() of these: a series that exists from the first scrape has a rate from the second.
+        for labelled, values in ((self.upstream_errors, KINDS), (self.retries, RETRY_REASONS), (self.refused, REFUSAL_REASONS)):
+            for value in values:
+                labelled.labels(value)
+        self.slot_wait_tally = Tally(self.slot_wait, self.bulk)
         self._endpoints: dict[str, EndpointMetrics] = {}
 
     def endpoint(self, label: str) -> EndpointMetrics:
@@ -75,32 +79,25 @@ class Metrics:
 
 
 class Tally:
-    """Observations of one histogram child, counted per bucket until the next flush.
+    """Observations of one histogram child, counted per bucket until the next flush: a value costs one
+    bisect (C) instead of observe()'s two locks and Python bucket walk (relay.seams.prometheus_internals)."""
 
-    prometheus-client's observe() takes two locks and walks the buckets in Python for each value; here a
-    value costs one bisect (C), and a flush adds each bucket's count in one step. That step uses the
-    child's bucket and sum values (prometheus-client has no bulk observe); tests/test_metrics.py checks the
-    resulting counts, sums and buckets against known traffic.
-    """
-
-    def __init__(self, child: Histogram) -> None:
+    def __init__(self, child: Histogram, bulk: bool = True) -> None:
         self._child = child
-        self._bounds = child._upper_bounds  # ascending, the last one +Inf
+        self._bounds = prometheus_internals.bucket_bounds(child) if bulk else ()
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
+        if not bulk:
+            self.add = child.observe  # type: ignore[method-assign]
 
     def add(self, value: float) -> None:
         self._counts[bisect.bisect_left(self._bounds, value)] += 1  # buckets are "less than or equal"
         self._sum += value
 
     def flush(self) -> None:
-        counts = self._counts
-        for index, count in enumerate(counts):
-            if count:
-                self._child._buckets[index].inc(count)
-                counts[index] = 0
-        if self._sum:
-            self._child._sum.inc(self._sum)
+        if self._bounds:
+            prometheus_internals.add_observations(self._child, self._counts, self._sum)
+            self._counts = [0] * len(self._bounds)
             self._sum = 0.0
 
 
@@ -111,8 +108,8 @@ class EndpointMetrics:
         self._metrics = metrics
         self._label = label
         self._requests: dict[int, Counter] = {}  # the counter child of each status seen
-        self._duration = Tally(metrics.duration.labels(label))
-        self._ttfb = Tally(metrics.ttfb.labels(label))
+        self._duration = Tally(metrics.duration.labels(label), metrics.bulk)
+        self._ttfb = Tally(metrics.ttfb.labels(label), metrics.bulk)
         self._bytes_in = metrics.bytes_in.labels(label)
         self._bytes_out = metrics.bytes_out.labels(label)
         self._statuses: dict[int, int] = {}
@@ -149,11 +146,26 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+def refused(reason: str) -> None:
+    metrics().refused.labels(reason).inc()
+
+
 async def keep_flushing(flush: Callable[[], None]) -> None:
-    """The app runs this as a task for as long as it serves."""
+    """The app runs this as a task for as long as it serves. A failing flush is logged (once, until one
+    succeeds again), never fatal: /metrics would otherwise freeze at the last good flush."""
+    failing = False
     while True:
         await asyncio.sleep(FLUSH_SECONDS)
-        flush()
+        try:
+            flush()
+        except Exception:
+            if not failing:
+                log.exception("relay: handing metrics to prometheus-client failed; retrying every %s s", FLUSH_SECONDS)
+            failing = True
+        else:
+            if failing:
+                log.warning("relay: metrics are handed over again")
+            failing = False
 
 
 class MetricsEndpoint:
@@ -170,11 +182,6 @@ class MetricsEndpoint:
         else:
             registry = REGISTRY
         body = generate_latest(registry)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()), (b"content-length", str(len(body)).encode())],
-            }
-        )
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -1,7 +1,7 @@
-"""What one request did (an Exchange), and where that goes when it ends: metrics and the access log.
+"""What one request did (a RequestRecord), and where that goes when it ends: metrics and the access log.
 
-The proxy fills an Exchange as the request goes; `Observer.finish` runs once, at the end. With metrics
-and the access log both off, the relay builds no Observer and the hot path records nothing.
+The proxy fills a RequestRecord as the request goes; `Observer.finish` runs once, at the end. With
+metrics and the access log both off, the app uses `Observer.silent()`, which records nothing.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import orjson
 
-from relay.metrics import Metrics
+from relay.metrics import EndpointMetrics, Metrics
 
 access_log = logging.getLogger("relay.access")
 
 
 @dataclass(slots=True)
-class Exchange:
+class RequestRecord:
     path: str
     started: float  # time.perf_counter() when the request arrived
     bytes_in: int = 0
@@ -31,25 +31,31 @@ class Exchange:
     request_id: str | None = None
     attempts: int = 0
     client_gone: bool = False  # the client disconnected or stopped reading before the end
+    last_chunks: tuple[bytes, bytes] = (b"", b"")  # the body's last two chunks, where its usage is
 
 
 class Observer:
     def __init__(self, endpoint: str, metrics: Metrics | None, log_format: str) -> None:
         self.metrics = metrics
         self.log_format = log_format
-        self.requests = metrics.endpoint(endpoint) if metrics is not None else None
+        self.requests: EndpointMetrics | None = metrics.endpoint(endpoint) if metrics is not None else None
 
-    def finish(self, exchange: Exchange) -> None:
-        duration = time.perf_counter() - exchange.started
+    @classmethod
+    def silent(cls) -> Observer:
+        return cls("", None, "off")
+
+    def finish(self, record: RequestRecord) -> None:
+        if self.requests is None and self.log_format == "off":
+            return
+        duration = time.perf_counter() - record.started
         if self.requests is not None:
-            self.requests.record(
-                exchange.status, duration, exchange.ttfb, exchange.bytes_in, exchange.bytes_out, exchange.slot_wait
-            )
+            self.requests.record(record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait)
         if self.log_format != "off":
-            self._log(exchange, duration)
+            self._log(record, duration)
 
-    def upstream_failed(self, kind: str) -> None:
+    def upstream_failed(self, record: RequestRecord, kind: str) -> None:
         """Counted as it happens, so a failure that a retry then mends still shows."""
+        record.error = kind
         if self.metrics is not None:
             self.metrics.upstream_errors.labels(kind).inc()
 
@@ -57,21 +63,21 @@ class Observer:
         if self.metrics is not None:
             self.metrics.retries.labels(reason).inc()
 
-    def _log(self, exchange: Exchange, duration: float) -> None:
+    def _log(self, record: RequestRecord, duration: float) -> None:
         fields = {
             "method": "POST",
-            "path": exchange.path,
-            "status": exchange.status,
-            "upstream_status": exchange.upstream_status,
+            "path": record.path,
+            "status": record.status,
+            "upstream_status": record.upstream_status,
             "duration_ms": round(duration * 1000, 2),
-            "ttfb_ms": None if exchange.ttfb is None else round(exchange.ttfb * 1000, 2),
-            "slot_wait_ms": round(exchange.slot_wait * 1000, 2),
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "attempts": exchange.attempts,
-            "error": exchange.error,
-            "request_id": exchange.request_id,
-            "client_gone": exchange.client_gone or None,
+            "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1000, 2),
+            "slot_wait_ms": round(record.slot_wait * 1000, 2),
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "attempts": record.attempts,
+            "error": record.error,
+            "request_id": record.request_id,
+            "client_gone": record.client_gone or None,
         }
         if self.log_format == "json":
             access_log.info(orjson.dumps(fields).decode())

@@ -1,105 +1,44 @@
-"""uvicorn's httptools protocol with the two limits it lacks on a request's head (line and headers), and
-a response head that leaves with the body.
+"""uvicorn's httptools protocol with the limits it lacks on a request's head, a response head that leaves
+with the body, and what the app needs to know about the client's connection.
 
 uvicorn arms no timer until a first response is done, and it keeps every header it is sent: a client
 can hold a connection forever by trickling its headers (slowloris), or grow the relay's memory without
 bound with endless ones. `max_request_bytes` and `request_body_timeout` guard the body; this guards the
-head. `relay serve` uses it; with the plain uvicorn CLI pass `--http relay.protocol:GuardedHttpToolsProtocol`
-(and RELAY_REQUEST_HEAD_TIMEOUT / RELAY_MAX_HEADER_BYTES in the environment to change the defaults).
+head. It also refuses a request whose absolute-form target (`POST http://host/...`) names another
+authority than its Host header (uvicorn keeps only the path), and an Upgrade request (uvicorn would drop
+its body or parse it as a request of its own). `relay serve` uses it; with the plain uvicorn CLI pass
+`--http relay.protocol:GuardedHttpToolsProtocol` (RELAY_REQUEST_HEAD_TIMEOUT / RELAY_MAX_HEADER_BYTES in
+the environment change the defaults; they are read once per process).
 
-uvicorn writes a response head to the socket as soon as the app sends http.response.start, and the body
-in a second write: two syscalls, two TCP segments and two wake-ups of the client for an answer that the
-upstream sent in one. HeadWriter holds the head until the first body write or the end of the event-loop
-step, whichever comes first (Go's net/http buffers it the same way, until the first body write).
-
-It also tells the app about the client's connection (scope["relay.client"], a ClientConnection): whether
-the body has all arrived, so the app needs no deadline for it; a call when the connection is lost, so the
-app needs no task waiting on `receive` to notice; and a way to abort it, since uvicorn's own close waits for
-the client to read what is buffered, which a client that stopped reading never does.
+Each request's scope carries a ClientConnection (relay.client_connection): whether the body has all
+arrived, a call when the connection is lost, a way to abort it. Everything this relies on inside uvicorn
+is listed in relay.seams.uvicorn_internals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
 
+from relay.client_connection import CLIENT_KEY, ClientConnection
+from relay.head_writer import HeadWriter
+from relay.hosts import split_authority
 from relay.replies import error_body
+from relay.seams.uvicorn_internals import HttpToolsProtocol, close_after_response, response_open, write_through
 
-# uvicorn builds this protocol itself, in each worker process, so its two settings (request_head_timeout
-# and max_header_bytes) arrive the way RELAY_CONFIG does: `relay serve` puts them in the environment.
+# uvicorn builds this protocol itself, in each worker process, so its two settings arrive the way
+# RELAY_CONFIG does: `relay serve` puts them in the environment.
 HEAD_TIMEOUT_ENV = "RELAY_REQUEST_HEAD_TIMEOUT"
 MAX_HEAD_BYTES_ENV = "RELAY_MAX_HEADER_BYTES"
-CLIENT_KEY = "relay.client"
 
 
-class ClientConnection:
-    """One request's view of its client connection, set up by the protocol for the app."""
-
-    __slots__ = ("abort", "body_complete", "lost", "_on_lost")
-
-    def __init__(self, abort: Callable[[], None]) -> None:
-        self.abort = abort  # close now, dropping whatever the client has not read
-        self.body_complete = False  # the whole request body has arrived
-        self.lost = False
-        self._on_lost: Callable[[], None] | None = None
-
-    def watch(self, on_lost: Callable[[], None]) -> None:
-        """Call `on_lost` once if the connection is lost (at once if it already is), until unwatch()."""
-        if self.lost:
-            on_lost()
-        else:
-            self._on_lost = on_lost
-
-    def unwatch(self) -> None:
-        self._on_lost = None
-
-    def connection_lost(self) -> None:
-        self.lost = True
-        on_lost, self._on_lost = self._on_lost, None
-        if on_lost is not None:
-            on_lost()
-
-
-class HeadWriter:
-    """The transport of one response cycle: its first write (the head) is held back, and leaves with
-    the second write (the first body chunk) in one writev, or alone at the end of the event-loop step.
-    A stream whose first event is not there yet thus gets its head at once; a buffered answer goes out
-    whole. Everything else goes straight to the connection's transport."""
-
-    __slots__ = ("_transport", "_loop", "_head", "_started")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._head: bytes | None = None
-        self._started = False
-
-    def write(self, data: bytes) -> None:
-        if not self._started:
-            self._started = True
-            self._head = data
-            self._loop.call_soon(self._flush)
-        elif self._head is not None:
-            head, self._head = self._head, None
-            self._transport.writelines((head, data))
-        else:
-            self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def _flush(self) -> None:
-        if self._head is not None:
-            head, self._head = self._head, None
-            if not self._transport.is_closing():
-                self._transport.write(head)
+@functools.cache
+def head_limits() -> tuple[float, int]:
+    """(request_head_timeout, max_header_bytes) of this process."""
+    return float(os.environ.get(HEAD_TIMEOUT_ENV, "30")), int(os.environ.get(MAX_HEAD_BYTES_ENV, str(64 * 1024)))
 
 
 def _reply(status: str, message: str, code: str) -> bytes:
@@ -113,8 +52,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # As nginx's client_header_timeout: from the connection's opening (first request) or the first
         # byte of the next request, to the end of the head.
-        self.head_timeout = float(os.environ.get(HEAD_TIMEOUT_ENV, "30"))
-        self.max_head_bytes = int(os.environ.get(MAX_HEAD_BYTES_ENV, str(64 * 1024)))
+        self.head_timeout, self.max_head_bytes = head_limits()
         self._head_open = False  # a request head has begun (or may begin: a new connection) and is not done
         self._head_bytes = 0  # wire bytes of chunks that ended with the head still open
         self._chunk_bytes = 0  # size of the chunk being parsed
@@ -138,7 +76,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes:
                 self._too_large()
-            elif self.cycle is None or self.cycle.response_complete:
+            elif not response_open(self.cycle):
                 # Only a head split across chunks needs the timer (most arrive whole, and pay nothing).
                 # A pipelined head that arrives while an answer is still going out is timed from that
                 # answer's end (on_response_complete), so a refusal is never written into the middle of it.
@@ -155,22 +93,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_open = False
         self._cancel_head_timer()
         if not self._refused:
-            # A head that ends in this chunk is at most the earlier chunks plus this one: measured only
-            # when that could be over the limit (a big first chunk), so the usual request counts nothing.
-            limit = self.max_head_bytes
-            if self._head_bytes + self._chunk_bytes > limit and self._parsed_head_bytes() > limit:
-                self._too_large()
-            elif self.parser.should_upgrade():
-                # httptools hands all that follows an Upgrade head to the new protocol, and uvicorn, which
-                # switches to none here, would drop the body or parse it as a request of its own.
-                message = "the relay does not switch protocols: send the request without Upgrade"
-                self._refuse(_reply("400 Bad Request", message, "upgrade_not_supported"))
+            self._check_head()
         if self._refused:
             return
         self._client = ClientConnection(self.transport.abort)
         self.scope[CLIENT_KEY] = self._client  # type: ignore[literal-required]
         super().on_headers_complete()
-        self.cycle.transport = HeadWriter(self.transport, self.loop)  # type: ignore[assignment]
+        write_through(self.cycle, HeadWriter(self.transport, self.loop))
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:  # the rest of a chunk is still parsed after a refusal: ignore it
@@ -192,8 +121,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         # What uvicorn tells through http.disconnect, and to the same request: the latest one (with
         # pipelining, not one still answering ahead of it).
-        if self._client is not None and self.cycle is not None and not self.cycle.response_complete:
+        if self._client is not None and response_open(self.cycle):
             self._client.connection_lost()
+
+    def _check_head(self) -> None:
+        # A head that ends in this chunk is at most the earlier chunks plus this one: measured only when
+        # that could be over the limit (a big first chunk), so the usual request counts nothing.
+        limit = self.max_head_bytes
+        if self._head_bytes + self._chunk_bytes > limit and self._parsed_head_bytes() > limit:
+            self._too_large()
+        elif self.parser.should_upgrade():
+            message = "the relay does not switch protocols: send the request without Upgrade"
+            self._refuse(_reply("400 Bad Request", message, "upgrade_not_supported"))
+        elif self.url[:1] != b"/" and not _same_authority(self.url, self.headers):
+            message = "the request target names another host than the Host header"
+            self._refuse(_reply("400 Bad Request", message, "invalid_host"))
 
     def _parsed_head_bytes(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)  # ": ", CRLF
@@ -220,9 +162,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Before the head is complete no ASGI task exists for it: the answer is written here.
         self._refused = True
         self._cancel_head_timer()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False  # let the answer in progress finish, then close
+        if response_open(self.cycle):
+            close_after_response(self.cycle)  # let the answer in progress finish, then close
             return
         if not self.transport.is_closing():
             self.transport.write(reply)
             self.transport.close()
+
+
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
+
+
+def _same_authority(target: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    """An absolute-form target (RFC 9112 §3.2.2) names the Host header's authority. `OPTIONS *` and a
+    target that is no URL at all are left to the router, which answers 404."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return True
+    if not url.host:
+        return True
+    host = next((value for name, value in headers if name == b"host"), None)
+    given = split_authority(host) if host is not None else None
+    if given is None:
+        return False
+    default = _DEFAULT_PORTS.get((url.schema or b"").lower())
+    return given[0] == url.host.lower() and (given[1] or default) == (url.port or default)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import orjson
 from starlette.types import Scope, Send
 
-Header = tuple[bytes, bytes]
+from relay.headers import Header
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -12,13 +12,8 @@ import random
 import time
 from collections.abc import Mapping
 
-import aiohttp
-
-from relay.config import RetryPolicy
-
-# Failures that mean the upstream did not produce an answer. A read timeout is not among them: the
-# upstream may still be working on the request, and the client has already waited that long.
-_RETRIED_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
+from relay.failures import NEVER, Failure
+from relay.settings import RetryPolicy
 
 
 class Retrier:
@@ -39,9 +34,11 @@ class Retrier:
             return None
         return self._delay(attempt, started, _retry_after(headers))
 
-    def after_error(self, exc: BaseException, attempt: int, started: float) -> float | None:
-        """Seconds to wait before trying again after this failure, or None to report it."""
-        if not isinstance(exc, _RETRIED_ERRORS):
+    def after_failure(self, failure: Failure, attempt: int, started: float) -> float | None:
+        """Seconds to wait before trying again after this failure, or None to report it. The failure
+        table decides which may be sent again (a read timeout never: the upstream may still be working
+        on the request, and the client has already waited that long)."""
+        if failure.resend == NEVER:
             return None
         return self._delay(attempt, started, None)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.servers import MODEL, RelayServer
 
 # Every socket operation is bounded: a relay that waits where it should answer fails the test, not CI.

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import (
     CHAT_BODY,
     CHAT,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.clients import (
     CHAT,
     CHAT_BODY,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 import orjson
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.servers import MODEL, RelayServer
 
 CLIENTS = 20

@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.clients import CHAT_BODY, exchange, post_bytes
 from tests.servers import API_KEY, MODEL, ROOT, RelayServer, free_port, start_relay, wait_healthy, write_config
 from relay.config import ConfigError, load_settings
@@ -309,9 +309,9 @@ def test_local_mode_without_env_yaml(tmp_path: Path, spawned: list[RelayServer])
     assert not (tmp_path / "env.yaml").exists()
     port = free_port()
     env = clean_environment(PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "bench.local", "--port", str(port), "--config", str(ROOT / "conf/openai_model.yaml")]
+    command = [sys.executable, "-m", "relay", "serve", "--local", "--port", str(port), "--config", str(ROOT / "conf/openai_model.yaml")]
     server = spawn(spawned, command, tmp_path, env, tmp_path / "local.log", port)
-    children = child_pids(server.process.pid, "bench.upstream")
+    children = child_pids(server.process.pid, "relay.testing")
     try:
         assert "LOCAL MODE" in server.log()
         assert len(children) == 1

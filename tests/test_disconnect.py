@@ -15,7 +15,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import CHAT_BODY, STREAM_BODY, assert_chat_completion, connect, post, post_bytes
 from tests.servers import MODEL, PLAIN_UVICORN, RELAY_SERVE, RelayServer
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.clients import Reply, exchange, post, post_bytes, request_head, connect, read_head, read_reply, read_to_end, CHAT, RESPONSES, CHAT_BODY, STREAM_BODY, assert_chat_completion
-from tests.servers import API_KEY, RelayServer, free_port
+from tests.servers import API_KEY, RelayServer, free_port, start_relay
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 LIMIT = 1024  # max_request_bytes of the relay that tests 413
@@ -133,11 +134,21 @@ def test_odd_request_targets_are_refused_and_never_reach_the_upstream(
 def test_absolute_form_target_goes_only_to_the_configured_upstream(relay: RelayServer, upstream: UpstreamThread) -> None:
     # RFC 9112 §3.2.2: a server must accept the absolute form; uvicorn keeps only its path. The relay
     # takes nothing from the client's authority: the request goes to the configured upstream or nowhere.
-    reply = exchange(relay.port, post_bytes(CHAT_BODY, "http://evil.example/v1/chat/completions"))
+    target = f"http://127.0.0.1:{relay.port}/v1/chat/completions"
+    reply = exchange(relay.port, post_bytes(CHAT_BODY, target).replace(b"Host: 127.0.0.1\r\n", f"Host: 127.0.0.1:{relay.port}\r\n".encode()))
     assert reply.status == 200
     (seen,) = upstream.upstream.requests
     assert seen.path == "/v1/chat/completions"
     assert seen.header("host") == f"127.0.0.1:{upstream.port}"
+
+
+def test_absolute_form_naming_another_host_than_host_is_refused(relay: RelayServer, upstream: UpstreamThread) -> None:
+    # Host: 127.0.0.1 passes the allow-list, but the target's authority says where the request was meant to go.
+    for target in ("http://evil.example/v1/chat/completions", f"http://127.0.0.1:{relay.port + 1}/v1/chat/completions"):
+        reply = exchange(relay.port, post_bytes(CHAT_BODY, target))
+        assert_relay_error(reply, 400, "invalid_host")
+        assert reply.header("connection") == "close"
+    assert upstream.upstream.requests == []
 
 
 # --- Upgrade ---------------------------------------------------------------------------------------
@@ -247,12 +258,17 @@ def test_refused_upstream_is_502(relay_factory: RelayFactory) -> None:
     assert_logged_without_key(server, "-> 502")
 
 
-def test_upstream_reset_before_headers_is_502(relay: RelayServer, upstream: UpstreamThread) -> None:
-    reply = post(relay, headers={"x-fake-fault": "reset-before-headers"})
-    assert_relay_error(reply, 502, "upstream_disconnected")
-    # A POST that may have reached the upstream is never sent again.
-    assert len(upstream.upstream.requests) == 1
-    assert_logged_without_key(relay, "-> 502")
+def test_upstream_reset_before_headers_is_502(upstream: UpstreamThread, tmp_path: Path) -> None:
+    # A relay of its own, so the request goes out on a new connection: a POST that may have reached the
+    # upstream is not sent again (only the keep-alive race on a reused connection is; see test_keepalive_race).
+    server = start_relay(tmp_path, upstream.base_url)
+    try:
+        reply = post(server, headers={"x-fake-fault": "reset-before-headers"})
+        assert_relay_error(reply, 502, "upstream_disconnected")
+        assert len(upstream.upstream.requests) == 1
+        assert_logged_without_key(server, "-> 502")
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import requests_seen
 from tests.servers import MODEL, RelayServer
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.protocol import HeadWriter
+from relay.head_writer import HeadWriter
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
 

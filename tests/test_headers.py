@@ -13,7 +13,7 @@ from typing import BinaryIO
 import orjson
 import pytest
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import header_values, requests_seen
 from tests.servers import API_KEY, MODEL, RelayServer
 
@@ -268,7 +268,7 @@ def test_client_header_is_not_forwarded(
 
 
 def test_client_host_is_replaced_by_the_upstreams(relay: RelayServer, upstream: UpstreamThread) -> None:
-    reply = exchange(relay.port, headers=[("Host", "client.example:4242")])
+    reply = exchange(relay.port, headers=[("Host", "localhost:4242")])
 
     assert reply.status == 200
     assert header_values(requests_seen(upstream, 1)[0], "host") == [f"127.0.0.1:{upstream.port}"]

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from bench.procs import raise_fd_limit
-from bench.upstream import FakeUpstream, Recorded, Responder, UpstreamThread
+from relay.testing import FakeUpstream, Recorded, Responder, UpstreamThread
 from tests.servers import MODEL, RelayServer, metric_value, relay_metric
 
 TIMEOUT = 60.0  # per request: a stuck one fails the test instead of hanging it

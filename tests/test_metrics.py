@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.clients import (
     CHAT_BODY,
     RESPONSES,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import (
     CHAT_BODY,
     Reply,

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from bench.upstream import Recorded, UpstreamThread
+from relay.testing import Recorded, UpstreamThread
 from tests.clients import header_values, requests_seen
 from tests.servers import API_KEY, MODEL, RelayServer
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import (
     CHAT,
     CHAT_BODY,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.clients import (
     STREAM_BODY,
     HeldStream,

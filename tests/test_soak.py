@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.upstream import UpstreamThread
+from relay.testing import UpstreamThread
 from tests.servers import MODEL, RelayServer, relay_metric, relay_open_fds, relay_rss, start_relay
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.upstream import Recorded, Responder, UpstreamThread
+from relay.testing import Recorded, Responder, UpstreamThread
 from tests.clients import (
     CHAT,
     CHAT_BODY,

@@ -1,4 +1,4 @@
-"""The upstream call on its own (relay.client.Endpoint), against a raw socket server on 127.0.0.1 that
+"""The upstream call on its own (relay.upstream.Endpoint), against a raw socket server on 127.0.0.1 that
 records the exact bytes it receives and answers with canned bytes: the request head the relay writes
 itself, and the pieces of aiohttp it leans on (connector.connect with a ClientRequest as the address, a
 connection's parser set up by set_response_params, (message, payload) from read()).
@@ -20,8 +20,8 @@ import trustme
 import uvloop
 from aiohttp.http_exceptions import HttpProcessingError
 
-from relay.client import Endpoint, Upstream
-from relay.config import Settings
+from relay.settings import Settings
+from relay.upstream import Endpoint, Upstream
 from tests.servers import API_KEY, MODEL
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -82,7 +82,7 @@ def run(
         settings = Settings(
             openai_base_url=f"{scheme}://127.0.0.1:{port}/v1", openai_api_key=API_KEY, openai_model=MODEL, **config  # type: ignore[arg-type]
         )
-        upstream = Upstream(settings, tls=client_side)
+        upstream = Upstream(settings.openai_base_url, settings.openai_api_key, settings, tls=client_side)
         await upstream.open()
         try:
             result = await asyncio.wait_for(scenario(upstream.endpoint("/chat/completions")), 10)
@@ -97,7 +97,7 @@ def run(
 
 
 async def body_of(endpoint: Endpoint, headers: list[tuple[bytes, bytes]] = [], query: bytes = b"") -> tuple[int, bytes]:
-    response = await endpoint.send(await endpoint.connect(), query, headers, b'{"a":1}')
+    response = await endpoint.send((await endpoint.connect())[0], query, headers, b'{"a":1}')
     try:
         return response.status, await response.content.read()
     finally:
@@ -134,7 +134,7 @@ def test_informational_answers_are_skipped() -> None:
 def test_released_connection_is_reused_and_closed_one_is_not() -> None:
     async def three_posts(endpoint: Endpoint) -> list[int]:
         statuses = [(await body_of(endpoint))[0], (await body_of(endpoint))[0]]  # released after each
-        response = await endpoint.send(await endpoint.connect(), b"", [], b"{}")
+        response = await endpoint.send((await endpoint.connect())[0], b"", [], b"{}")
         response.close()  # dropped, unread
         statuses.append((await body_of(endpoint))[0])
         return statuses + [response.status]
@@ -217,10 +217,10 @@ def test_connection_with_request_body_still_unsent_is_not_reused(tls: trustme.CA
         return handle
 
     async def big_then_small(endpoint: Endpoint) -> list[int]:
-        big = await endpoint.send(await endpoint.connect(), b"", [], b"x" * (32 << 20))
+        big = await endpoint.send((await endpoint.connect())[0], b"", [], b"x" * (32 << 20))
         await big.content.read()
         big.release()
-        small = await endpoint.send(await endpoint.connect(), b"", [], b"{}")
+        small = await endpoint.send((await endpoint.connect())[0], b"", [], b"{}")
         await small.content.read()
         small.release()
         return [big.status, small.status]
@@ -231,7 +231,7 @@ def test_connection_with_request_body_still_unsent_is_not_reused(tls: trustme.CA
 
 
 def test_body_broken_by_a_malformed_chunk_fails_instead_of_waiting() -> None:
-    # aiohttp's parser fails the connection, not the body it was streaming: without relay.client's own
+    # aiohttp's parser fails the connection, not the body it was streaming: without relay.upstream's own
     # watch the body would wait for bytes that never come, holding its client until read_timeout.
     def bad_chunk(server: RawServer) -> Handler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -245,7 +245,7 @@ def test_body_broken_by_a_malformed_chunk_fails_instead_of_waiting() -> None:
         return handle
 
     async def read_all(endpoint: Endpoint) -> bytes:
-        response = await endpoint.send(await endpoint.connect(), b"", [], b"{}")
+        response = await endpoint.send((await endpoint.connect())[0], b"", [], b"{}")
         try:
             got = await response.content.readany()
             with pytest.raises(aiohttp.ClientPayloadError):
@@ -288,7 +288,7 @@ def test_upstream_that_speaks_first_fails_the_request_once() -> None:
 
 
 def test_connection_lost_in_the_pool_leaves_no_unretrieved_error() -> None:
-    # relay.client watches each connection's `closed` future; one that breaks while pooled must not
+    # relay.upstream watches each connection's `closed` future; one that breaks while pooled must not
     # leave asyncio reporting "Future exception was never retrieved".
     def reset_when_idle(server: RawServer) -> Handler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

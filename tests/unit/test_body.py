@@ -1,4 +1,4 @@
-"""The two body patches, as a pure function: the model and the extra_body defaults, nothing else."""
+"""The body patch, as a pure function: the model, the extra_body defaults and the optional rewrites."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import signal
 import orjson
 import pytest
 
-from relay.body import InvalidBody, Patcher, patch
+from relay.body import InvalidBody, Rules, patch
+from relay.patcher import Helper, Patcher
 
 MODEL = "configured-model"
+RULES = Rules(MODEL)
 
 
 def patched(raw: bytes | str, extra_body: dict | None = None) -> dict:
     data = raw.encode() if isinstance(raw, str) else raw
-    return json.loads(patch(data, MODEL, extra_body or {}))
+    return json.loads(patch(data, Rules(MODEL, extra_body or {})))
 
 
 def test_model_is_overwritten_or_added() -> None:
@@ -45,13 +47,13 @@ def test_everything_else_is_kept_unknown_fields_included() -> None:
     ["123456789012345678901234567890", "18446744073709551616", "-9223372036854775809", "18446744073709551615"],
 )
 def test_integers_beyond_64_bits_stay_exact(literal: str) -> None:
-    out = patch(f'{{"seed": {literal}, "note": "e+ in a string"}}'.encode(), MODEL, {})
+    out = patch(f'{{"seed": {literal}, "note": "e+ in a string"}}'.encode(), RULES)
     assert json.loads(out)["seed"] == int(literal)
     assert literal.encode() in out
 
 
 def test_lone_surrogate_escape_survives() -> None:
-    out = patch(b'{"content": "\\ud800 x"}', MODEL, {})
+    out = patch(b'{"content": "\\ud800 x"}', RULES)
     assert json.loads(out)["content"] == "\ud800 x"
 
 
@@ -71,7 +73,7 @@ def test_lone_surrogate_escape_survives() -> None:
 )
 def test_invalid_bodies_are_rejected_with_a_reason(raw: bytes, fragment: str) -> None:
     with pytest.raises(InvalidBody, match=fragment):
-        patch(raw, MODEL, {})
+        patch(raw, RULES)
 
 
 @pytest.mark.parametrize("depth", [300, 1000, 100_000])
@@ -80,7 +82,7 @@ def test_deep_nesting_is_patched_or_rejected_never_an_exception(depth: int) -> N
     # past Python's recursion limit the body is refused as a 400, not a 500.
     raw = b'{"tools":' + b"[" * depth + b"]" * depth + b"}"
     try:
-        assert json.loads(patch(raw, MODEL, {}))["model"] == MODEL
+        assert json.loads(patch(raw, RULES))["model"] == MODEL
     except InvalidBody as exc:
         assert "nested too deeply" in str(exc)
         assert depth >= 1000
@@ -88,18 +90,44 @@ def test_deep_nesting_is_patched_or_rejected_never_an_exception(depth: int) -> N
 
 def test_patcher_recovers_when_its_helper_process_dies() -> None:
     async def scenario() -> list[dict]:
-        patcher = Patcher(MODEL, {"seed": 1}, offload_bytes=1)
+        helper = Helper()
+        patcher = Patcher(Rules(MODEL, {"seed": 1}), 1, helper)
         try:
-            assert patcher.offloads(b"{}") and not Patcher(MODEL, {}, offload_bytes=None).offloads(b"{}")
-            first = await patcher.elsewhere(b'{"a": 1}')
-            assert patcher._pool is not None
-            for process in list(patcher._pool._processes.values()):  # the helper dies (OOM killer, say)
+            assert patcher.is_big(b"{}") and not Patcher(RULES, None, helper).is_big(b"{}")
+            first = await patcher.patch_in_helper(b'{"a": 1}')
+            assert helper._pool is not None
+            for process in list(helper._pool._processes.values()):  # the helper dies (OOM killer, say)
                 os.kill(process.pid, signal.SIGKILL)
                 process.join(10)
-            second = await patcher.elsewhere(b'{"a": 2}')
-            third = await patcher.elsewhere(b'{"a": 3}')  # and a new helper takes over
+            second = await patcher.patch_in_helper(b'{"a": 2}')
+            third = await patcher.patch_in_helper(b'{"a": 3}')  # and a new helper takes over
             return [json.loads(body) for body in (first, second, third)]
         finally:
-            patcher.close()
+            helper.close()
 
     assert asyncio.run(scenario()) == [{"a": a, "model": MODEL, "seed": 1} for a in (1, 2, 3)]
+
+
+def test_reasoning_items_leave_the_input_only_when_asked() -> None:
+    raw = b'{"input": [{"type": "reasoning", "id": "rs_1"}, {"type": "message", "role": "user"}, "text"]}'
+    kept = json.loads(patch(raw, RULES))["input"]
+    dropped = json.loads(patch(raw, Rules(MODEL, drop_reasoning_items=True)))["input"]
+    assert [item if isinstance(item, str) else item["type"] for item in kept] == ["reasoning", "message", "text"]
+    assert dropped == [{"type": "message", "role": "user"}, "text"]
+    assert json.loads(patch(b'{"input": "hi"}', Rules(MODEL, drop_reasoning_items=True)))["input"] == "hi"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"stream": True}, {"include_usage": True}),
+        ({"stream": True, "stream_options": {"include_usage": False}}, {"include_usage": False}),  # the client's word
+        ({"stream": True, "stream_options": {"include_obfuscation": False}}, {"include_obfuscation": False, "include_usage": True}),
+        ({"stream": False}, None),
+        ({}, None),
+    ],
+)
+def test_stream_usage_is_asked_for_unless_the_client_said(body: dict, expected: dict | None) -> None:
+    patched_body = json.loads(patch(orjson.dumps(body), Rules(MODEL, stream_usage=True)))
+    assert patched_body.get("stream_options") == expected
+    assert "stream_options" not in json.loads(patch(orjson.dumps({"stream": True}), RULES))
