@@ -127,7 +127,7 @@ def start_relay(
     return server
 
 
-_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"Uvicorn running on http://(?:127\.0\.0\.1|localhost):(\d+)")
 
 
 def wait_healthy(server: RelayServer) -> None:

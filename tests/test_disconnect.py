@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from relay.testing import Recorded, Responder, UpstreamThread
-from tests.clients import CHAT_BODY, STREAM_BODY, assert_chat_completion, connect, post, post_bytes
+from tests.clients import CHAT_BODY, STREAM_BODY, assert_chat_completion, connect, post, post_bytes, scrape_until, scrape_when_idle
 from tests.servers import MODEL, PLAIN_UVICORN, RELAY_SERVE, RelayServer
 
 STALL = "x-test-stall"  # asks the handler below for half a body and then silence
@@ -83,3 +83,21 @@ def test_disconnect_mid_json_body(single_slot_relay: RelayServer, upstream: Upst
     sock.sendall(post_bytes(CHAT_BODY, headers={STALL: "1"}))
     read_until(sock, PARTIAL)
     leave_and_check_slot_is_freed(sock, single_slot_relay, upstream)
+
+
+def test_leaving_in_the_middle_of_the_request_body_is_recorded_as_499(
+    single_slot_relay: RelayServer, upstream: UpstreamThread
+) -> None:
+    # The README promises 499 and client_gone for a client that left before any answer, whenever it left.
+    before = scrape_when_idle(single_slot_relay)
+    with connect(single_slot_relay.port) as sock:
+        sock.sendall(post_bytes(b'{"messages": [' + b" " * 10_000 + b"]}")[:-5000])  # most of it, not all
+        time.sleep(0.1)
+    after = scrape_until(
+        single_slot_relay,
+        lambda samples: samples.value("relay_requests_total", endpoint="chat.completions", status="499")
+        > before.value("relay_requests_total", endpoint="chat.completions", status="499"),
+    )
+    assert after.value("relay_requests_total", endpoint="chat.completions", status="0") == 0
+    assert upstream.upstream.requests == []
+    assert_chat_completion(post(single_slot_relay))  # and nothing is held

@@ -88,7 +88,7 @@ def test_deep_nesting_is_patched_or_rejected_never_an_exception(depth: int) -> N
         assert depth >= 1000
 
 
-def test_patcher_recovers_when_its_helper_process_dies() -> None:
+def test_patcher_recovers_when_its_helper_process_dies(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> list[dict]:
         helper = Helper()
         patcher = Patcher(Rules(MODEL, {"seed": 1}), 1, helper)
@@ -106,6 +106,7 @@ def test_patcher_recovers_when_its_helper_process_dies() -> None:
             helper.close()
 
     assert asyncio.run(scenario()) == [{"a": a, "model": MODEL, "seed": 1} for a in (1, 2, 3)]
+    assert any("patch helper process died" in record.getMessage() for record in caplog.records)
 
 
 def test_reasoning_items_leave_the_input_only_when_asked() -> None:
