@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.testing.ports import free_port  # re-exported for bench.run
+from relay.testing.ports import free_port as free_port  # re-exported for bench.run
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1

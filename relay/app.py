@@ -24,7 +24,8 @@ from relay.auth import RequireKey
 from relay.body import Rules
 from relay.config import BIND_HOST_ENV, ConfigError, load_settings
 from relay.failures import Failures
-from relay.hosts import AllowedHosts, HostNames, default_allowed
+from relay.host_names import HostNames
+from relay.hosts import AllowedHosts, default_allowed
 from relay.intake import Intake
 from relay.lifespan import lifespan
 from relay.logs import attach_to_uvicorn
@@ -36,7 +37,7 @@ from relay.relaying import ResponseRelay
 from relay.retry import Retrier
 from relay.routes import AllowMethods, ExactPath, ModelInfo, StaticJSON, not_found
 from relay.seams import SeamError, check
-from relay.settings import Settings
+from relay.settings import Settings, endpoint_defaults
 from relay.slots import Slots
 from relay.upstream import Upstream
 
@@ -61,7 +62,12 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     def proxy(path: str) -> Proxy:
         full_path = f"/v1{path}"
         observer = _observer(path, settings)
-        patcher = Patcher(Rules(settings.openai_model, dict(settings.extra_body)), settings.offload_body_bytes, helper)
+        rules = Rules(
+            settings.openai_model,
+            endpoint_defaults(settings.extra_body, path),
+            stream_usage=settings.include_stream_usage and path == "/chat/completions",
+        )
+        patcher = Patcher(rules, settings.offload_body_bytes, helper)
         redact = settings.openai_api_key if settings.log_bodies else None
         intake = Intake(full_path, patcher, settings.max_request_bytes, settings.request_body_timeout, allowed, redact)
         endpoint = upstream.endpoint(path)
@@ -106,19 +112,12 @@ def _observer(path: str, settings: Settings) -> Observer:
     if not settings.metrics and settings.access_log == "off":
         return Observer.silent()
     endpoint = path.strip("/").replace("/", ".")
-    return Observer(endpoint, metrics() if settings.metrics else None, settings.access_log)
+    return Observer(endpoint, metrics() if settings.metrics else None, settings.access_log, settings.openai_model)
 
 
 @functools.cache
 def _app_from_environment() -> ASGIApp:
     attach_to_uvicorn()
-    if "relay.protocol" not in sys.modules:
-        # uvicorn imports its --http class before the app: without relay.protocol it serves the relay
-        # with no limit on request heads.
-        log.warning(
-            "relay: request_head_timeout and max_header_bytes are not enforced: uvicorn runs without the "
-            "relay's protocol; use `relay serve`, or pass --http relay.protocol:GuardedHttpToolsProtocol"
-        )
     try:
         return create_app(load_settings(), bind_host=os.environ.get(BIND_HOST_ENV))
     except ConfigError as exc:

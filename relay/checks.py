@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
-from relay.settings import RetryPolicy, Settings
+from relay.settings import ENDPOINT_BLOCKS, RetryPolicy, Settings
 
 _LINE_BREAK = re.compile(r"[\r\n\x00]")
 _UNPRINTABLE_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
@@ -138,6 +138,9 @@ def _headers(value: Any) -> Mapping[str, str]:
 def _extra_body(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError("must be a mapping of request fields to default values")
+    for block in ENDPOINT_BLOCKS.values():
+        if block in value and not (isinstance(value[block], dict) and all(isinstance(k, str) for k in value[block])):
+            raise ValueError(f".{block} must be a mapping of that endpoint's request fields to default values")
     return MappingProxyType(dict(value))
 
 
@@ -224,6 +227,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "access_log": _access_log,
     "log_bodies": _flag,
     "timing_header": _flag,
+    "include_stream_usage": _flag,
     "retry": _retry,
 }
 # Keys whose null means "no limit" rather than "the default".

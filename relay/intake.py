@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from relay.body import InvalidBody
 from relay.client_connection import CLIENT_KEY, ClientConnection
-from relay.hosts import HostNames
+from relay.host_names import HostNames
 from relay.metrics import refused
 from relay.observe import RequestRecord
 from relay.patcher import Patcher

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import resource
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,6 +33,7 @@ def lifespan(
     @asynccontextmanager
     async def run(_: object) -> AsyncIterator[None]:
         install_log_filter()
+        _warn_without_head_limits()
         _raise_open_file_limit()
         _tune_garbage_collector()
         for open_ in opens:
@@ -53,6 +55,16 @@ def lifespan(
                 flush_metrics()
 
     return run
+
+
+def _warn_without_head_limits() -> None:
+    # uvicorn imports its --http class before the lifespan starts, and nothing in the app imports
+    # relay.protocol (tests/unit/test_layout.py keeps it so): if it is not loaded, uvicorn serves without it.
+    if "relay.protocol" not in sys.modules:
+        log.warning(
+            "relay: request_head_timeout and max_header_bytes are not enforced: uvicorn runs without the "
+            "relay's protocol; use `relay serve`, or pass --http relay.protocol:GuardedHttpToolsProtocol"
+        )
 
 
 def _tune_garbage_collector() -> None:

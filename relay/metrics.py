@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from relay.failures import KINDS
 from relay.seams import prometheus_internals
+from relay.usage import Tokens
 
 log = logging.getLogger("relay")
 
@@ -36,6 +37,7 @@ FLUSH_SECONDS = 0.5  # at 8,000 requests/s a flush holds the loop about 5 ms
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RETRY_REASONS = ("stale_connection", *KINDS[:-1], "429", "500", "502", "503", "504")
 REFUSAL_REASONS = ("invalid_host", "invalid_origin", "invalid_api_key")
+TOKEN_KINDS = ("prompt", "completion", "cached_prompt", "reasoning")  # the fields of relay.usage.Tokens
 
 prometheus_client.disable_created_metrics()  # *_created series: one more per label set, read by nobody
 
@@ -55,6 +57,7 @@ class Metrics:
         )
         self.bytes_in = Counter("relay_request_bytes", "Request body bytes received from clients", ["endpoint"])
         self.bytes_out = Counter("relay_response_bytes", "Response body bytes relayed to clients", ["endpoint"])
+        self.tokens = Counter("relay_tokens", "Tokens of relayed answers, from their usage, by endpoint and kind", ["endpoint", "kind"])
         self.upstream_errors = Counter("relay_upstream_errors", "Upstream failures, by kind", ["kind"])
         self.retries = Counter("relay_retries", "Upstream requests tried again, by reason", ["reason"])
         self.refused = Counter("relay_refused", "Requests refused before routing, by reason", ["reason"])
@@ -112,12 +115,21 @@ class EndpointMetrics:
         self._ttfb = Tally(metrics.ttfb.labels(label), metrics.bulk)
         self._bytes_in = metrics.bytes_in.labels(label)
         self._bytes_out = metrics.bytes_out.labels(label)
+        self._tokens = [metrics.tokens.labels(label, kind) for kind in TOKEN_KINDS]
         self._statuses: dict[int, int] = {}
         self._received = 0
         self._relayed = 0
+        self._counted = [0, 0, 0, 0]  # tokens by TOKEN_KINDS
 
     def record(
-        self, status: int, duration: float, ttfb: float | None, bytes_in: int, bytes_out: int, slot_wait: float
+        self,
+        status: int,
+        duration: float,
+        ttfb: float | None,
+        bytes_in: int,
+        bytes_out: int,
+        slot_wait: float,
+        tokens: Tokens | None,
     ) -> None:
         self._statuses[status] = self._statuses.get(status, 0) + 1
         self._duration.add(duration)
@@ -127,6 +139,12 @@ class EndpointMetrics:
             self._metrics.slot_wait_tally.add(slot_wait)
         self._received += bytes_in
         self._relayed += bytes_out
+        if tokens is not None:
+            counted = self._counted
+            counted[0] += tokens.prompt
+            counted[1] += tokens.completion
+            counted[2] += tokens.cached
+            counted[3] += tokens.reasoning
 
     def flush(self) -> None:
         for status, count in self._statuses.items():
@@ -139,6 +157,10 @@ class EndpointMetrics:
         self._bytes_in.inc(self._received)
         self._bytes_out.inc(self._relayed)
         self._received = self._relayed = 0
+        for child, count in zip(self._tokens, self._counted):
+            if count:
+                child.inc(count)
+        self._counted = [0, 0, 0, 0]
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import orjson
 
 from relay.metrics import EndpointMetrics, Metrics
+from relay.usage import Tokens, tokens_in
 
 access_log = logging.getLogger("relay.access")
 
@@ -35,9 +36,10 @@ class RequestRecord:
 
 
 class Observer:
-    def __init__(self, endpoint: str, metrics: Metrics | None, log_format: str) -> None:
+    def __init__(self, endpoint: str, metrics: Metrics | None, log_format: str, model: str = "") -> None:
         self.metrics = metrics
         self.log_format = log_format
+        self.model = model  # the model sent upstream, for the access log
         self.requests: EndpointMetrics | None = metrics.endpoint(endpoint) if metrics is not None else None
 
     @classmethod
@@ -48,10 +50,13 @@ class Observer:
         if self.requests is None and self.log_format == "off":
             return
         duration = time.perf_counter() - record.started
+        tokens = tokens_in(*record.last_chunks) if 200 <= record.status < 300 else None
         if self.requests is not None:
-            self.requests.record(record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait)
+            self.requests.record(
+                record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait, tokens
+            )
         if self.log_format != "off":
-            self._log(record, duration)
+            self._log(record, duration, tokens)
 
     def upstream_failed(self, record: RequestRecord, kind: str) -> None:
         """Counted as it happens, so a failure that a retry then mends still shows."""
@@ -63,10 +68,11 @@ class Observer:
         if self.metrics is not None:
             self.metrics.retries.labels(reason).inc()
 
-    def _log(self, record: RequestRecord, duration: float) -> None:
+    def _log(self, record: RequestRecord, duration: float, tokens: Tokens | None) -> None:
         fields = {
             "method": "POST",
             "path": record.path,
+            "model": self.model if record.attempts else None,
             "status": record.status,
             "upstream_status": record.upstream_status,
             "duration_ms": round(duration * 1000, 2),
@@ -78,6 +84,10 @@ class Observer:
             "error": record.error,
             "request_id": record.request_id,
             "client_gone": record.client_gone or None,
+            "prompt_tokens": tokens.prompt if tokens is not None else None,
+            "completion_tokens": tokens.completion if tokens is not None else None,
+            "cached_tokens": tokens.cached if tokens is not None else None,
+            "reasoning_tokens": tokens.reasoning if tokens is not None else None,
         }
         if self.log_format == "json":
             access_log.info(orjson.dumps(fields).decode())

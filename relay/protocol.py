@@ -25,7 +25,7 @@ import httptools
 
 from relay.client_connection import CLIENT_KEY, ClientConnection
 from relay.head_writer import HeadWriter
-from relay.hosts import split_authority
+from relay.host_names import split_authority
 from relay.replies import error_body
 from relay.seams.uvicorn_internals import HttpToolsProtocol, close_after_response, response_open, write_through
 

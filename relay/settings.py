@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# extra_body may hold defaults for one endpoint only, under these keys (no request field has either name).
+ENDPOINT_BLOCKS = {"/chat/completions": "chat_completions", "/responses": "responses"}
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Opt-in retries of upstream failures that happen before anything reaches the client."""
@@ -59,5 +63,13 @@ class Settings:
     access_log: str = "off"
     log_bodies: bool = False
     timing_header: bool = False
+    include_stream_usage: bool = False  # chat streams ask for the usage chunk unless the client said
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
+
+
+def endpoint_defaults(extra_body: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The extra_body defaults of one endpoint (`/chat/completions`): the shared ones, then its own block's,
+    which win."""
+    shared = {key: value for key, value in extra_body.items() if key not in ENDPOINT_BLOCKS.values()}
+    return {**shared, **extra_body.get(ENDPOINT_BLOCKS[path], {})}

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 
 from bench.procs import rss_bytes
 from relay.config import CONFIG_ENV, ENV_FILE_ENV
-from relay.testing.ports import free_port  # re-exported: tests import it from here
+from relay.testing.ports import free_port as free_port  # re-exported: tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-relay-SECRET-0123456789abcdef"

@@ -177,6 +177,16 @@ def test_config_error_stops_startup_with_one_line(
     assert SECRET not in result.stderr + result.stdout
 
 
+def test_an_env_file_named_but_missing_stops_startup(tmp_path: Path) -> None:
+    # The default env.yaml may be absent; one named with --env-file (or RELAY_ENV_FILE) is a typo if absent.
+    config_path = write_yaml(tmp_path / "relay.yaml", valid_config())
+    missing = tmp_path / "no-such-env.yaml"
+    result = run_serve(config_path, missing, clean_environment(POLICY_BASE_URL="http://127.0.0.1:9/v1", POLICY_API_KEY=SECRET, POLICY_MODEL_NAME=MODEL))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(missing) in lines[0] and "not found" in lines[0] and "--env-file" in lines[0], lines
+
+
 def test_placeholder_unresolved_even_with_a_differently_named_variable(tmp_path: Path) -> None:
     # The environment is searched for `name` and `NAME` only; anything else does not count.
     config_path = write_yaml(tmp_path / "relay.yaml", valid_config())
@@ -291,6 +301,23 @@ def test_plain_uvicorn_reads_config_from_environment(
     server = spawn(spawned, command + ["--no-access-log"], ROOT, env, tmp_path / "uvicorn.log", port)
     assert_relayed(chat_through(server), upstream)
     assert API_KEY not in server.log()
+    # The relay's own lines carry a level, as under relay serve, and it says the head limits are off.
+    server.wait_for_log(r"^INFO: +relay: POST /v1/chat/completions and /v1/responses -> ")
+    server.wait_for_log(r"^WARNING: +relay: request_head_timeout and max_header_bytes are not enforced: .*--http relay\.protocol:GuardedHttpToolsProtocol")
+
+
+def test_plain_uvicorn_with_the_relays_protocol_does_not_warn(
+    tmp_path: Path, upstream: UpstreamThread, spawned: list[RelayServer]
+) -> None:
+    config_path, env_path = write_config(tmp_path, upstream.base_url)
+    port = free_port()
+    env = clean_environment(RELAY_CONFIG=str(config_path), RELAY_ENV_FILE=str(env_path))
+    command = [sys.executable, "-m", "uvicorn", "relay.app:app", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--http", "relay.protocol:GuardedHttpToolsProtocol", "--no-access-log"]
+    server = spawn(spawned, command, ROOT, env, tmp_path / "uvicorn.log", port)
+    assert_relayed(chat_through(server), upstream)
+    server.wait_for_log(r"^INFO: +relay: POST ")
+    assert "not enforced" not in server.log()
 
 
 def test_serve_with_two_workers(tmp_path: Path, upstream: UpstreamThread, spawned: list[RelayServer]) -> None:
@@ -298,10 +325,18 @@ def test_serve_with_two_workers(tmp_path: Path, upstream: UpstreamThread, spawne
     spawned.append(server)
     workers = child_pids(server.process.pid, "spawn_main")
     assert len(workers) == 2, server.log()
+    metrics_directory = Path(environment_of(workers[0])["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_directory.is_dir()
     assert_relayed(chat_through(server), upstream)
     server.stop()
     assert server.process.returncode is not None
     assert wait_gone(workers) == [], "workers outlived the relay"
+    assert not metrics_directory.exists(), "the workers' metrics directory outlived the relay"
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
 
 
 def test_local_mode_without_env_yaml(tmp_path: Path, spawned: list[RelayServer]) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import re
 import resource
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +29,7 @@ from tests.clients import (
     get,
     post,
 )
-from tests.servers import API_KEY, RelayServer, start_relay
+from tests.servers import API_KEY, ROOT, RelayServer, free_port, start_relay, wait_healthy, write_config
 
 RelayFactory = Callable[..., RelayServer]
 # Each format's relay, with the other options of this file spread over them.
@@ -171,3 +174,25 @@ def test_open_file_limit_is_raised_and_logged(tmp_path: Path, upstream: Upstream
         assert_chat_completion(post(server))
     finally:
         server.stop()
+
+
+def test_json_access_log_lines_are_json_and_nothing_else(upstream: UpstreamThread, tmp_path: Path) -> None:
+    """What a log shipper reads from stdout: one JSON object per line, no prefix, nothing interleaved."""
+    config, env = write_config(tmp_path, upstream.base_url, access_log="json")
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    command = [sys.executable, "-m", "relay", "serve", "--config", str(config), "--env-file", str(env), "--port", str(free_port())]
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
+    server = RelayServer(process, stderr, port=int(command[-1]))
+    try:
+        wait_healthy(server)
+        for body, target in ((CHAT_BODY, CHAT), (STREAM_BODY, CHAT), (RESPONSES_BODY, RESPONSES), (b"{nope", CHAT)):
+            post(server, body, target)
+        deadline = time.monotonic() + 5
+        while stdout.read_text().count("\n") < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        server.stop()
+    lines = stdout.read_text().splitlines()
+    assert len(lines) == 4 and all(isinstance(json.loads(line), dict) for line in lines), lines
+    assert "relay: POST" in stderr.read_text()  # the relay's own lines go to stderr, with their level

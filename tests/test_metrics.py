@@ -153,6 +153,17 @@ def test_gauges_and_slot_wait_while_requests_are_held(relay_factory: RelayFactor
     assert delta(before, after, "relay_slot_wait_seconds_sum") > 0
 
 
+def test_alerting_series_exist_from_the_first_scrape_and_no_created_series(relay_factory: RelayFactory) -> None:
+    # rate() needs a series before its first increment; *_created doubles the series and nobody reads it.
+    text = get(relay_factory(access_log="plain", timing_header=True), "/metrics").body.decode()
+    assert not re.search(r"^\w+_created", text, re.MULTILINE)
+    for kind in ("refused", "connect_timeout", "reset", "read_timeout", "mid_body"):
+        assert f'relay_upstream_errors_total{{kind="{kind}"}} 0.0' in text
+    for reason in ("stale_connection", "reset", "429", "503"):
+        assert f'relay_retries_total{{reason="{reason}"}} 0.0' in text
+    assert 'relay_refused_total{reason="invalid_host"} 0.0' in text
+
+
 def test_metrics_off_is_404(relay_factory: RelayFactory) -> None:
     server = relay_factory(metrics=False)
     assert_openai_error(get(server, "/metrics"), 404, "unknown_url")

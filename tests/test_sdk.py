@@ -160,6 +160,22 @@ def test_extra_body_defaults_merge_shallowly_request_wins(
     assert_relay_credentials(relayed)
 
 
+def test_extra_body_defaults_for_one_endpoint_only(relay_factory: Callable[..., RelayServer], upstream: UpstreamThread) -> None:
+    extra_body = {
+        "temperature": 0.5,
+        "chat_completions": {"chat_template_kwargs": {"enable_thinking": False}, "temperature": 0.2},
+        "responses": {"max_output_tokens": 64},
+    }
+    relay = relay_factory(extra_body=extra_body)
+    ask(relay.api_url, "chat")
+    ask(relay.api_url, "responses")
+    chat, responses = (seen.json() for seen in requests_seen(upstream, 2))
+    assert chat["chat_template_kwargs"] == {"enable_thinking": False} and chat["temperature"] == 0.2  # its block wins
+    assert "max_output_tokens" not in chat and "chat_completions" not in chat and "responses" not in chat
+    assert responses["max_output_tokens"] == 64 and responses["temperature"] == 0.5
+    assert "chat_template_kwargs" not in responses and "responses" not in responses
+
+
 def test_extra_body_defaults_reach_streams_too(
     relay_factory: Callable[..., RelayServer], upstream: UpstreamThread
 ) -> None:

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from relay.hosts import HostNames, default_allowed, split_authority
+from relay.host_names import HostNames, split_authority
+from relay.hosts import default_allowed
 
 
 @pytest.mark.parametrize(
