@@ -13,6 +13,9 @@ import os
 import sys
 from typing import Any
 
+from collections.abc import Callable, Coroutine
+from typing import NamedTuple
+
 import aiohttp.abc
 import orjson
 from starlette.middleware import Middleware
@@ -29,13 +32,16 @@ from relay.hosts import AllowedHosts, default_allowed
 from relay.intake import Intake
 from relay.lifespan import lifespan
 from relay.logs import attach_to_uvicorn
-from relay.metrics import MetricsEndpoint, metrics
+from relay.fleet import Fleet, Member
+from relay.health import Health
+from relay.metrics import MetricsEndpoint, keep_flushing, metrics
 from relay.observe import Observer
 from relay.patcher import Helper, Patcher
 from relay.proxy import Proxy
 from relay.relaying import ResponseRelay
 from relay.retry import Retrier
-from relay.routes import AllowMethods, ExactPath, ModelInfo, StaticJSON, not_found
+from relay.probe import keep_probing
+from relay.routes import AllowMethods, ExactPath, ModelInfo, Readiness, StaticJSON, UpstreamsView, not_found
 from relay.seams import SeamError, check
 from relay.settings import Settings, endpoint_defaults
 from relay.slots import Slots
@@ -50,62 +56,106 @@ _READ = ("GET", "HEAD")
 
 def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None = None, bind_host: str | None = None) -> ASGIApp:
     check()
-    upstream = Upstream(settings.openai_base_url, settings.openai_api_key, settings, resolver)
+    fleet = _fleet(settings, resolver)
     slots = Slots(settings.max_concurrent_requests)
     recorder = metrics() if settings.metrics else None
-    flush_metrics = (lambda: recorder.flush(slots.in_flight, slots.waiting)) if recorder is not None else None
+    flush_metrics = (lambda: recorder.flush(slots.in_flight, slots.waiting, fleet)) if recorder is not None else None
     allowed = None if "*" in settings.allowed_hosts else HostNames(settings.allowed_hosts or default_allowed(bind_host or settings.host))
     helper = Helper()
-    failures = Failures(settings.connect_timeout, settings.read_timeout, settings.total_timeout)
-    retrier = Retrier(settings.retry)
-
-    def proxy(path: str) -> Proxy:
-        full_path = f"/v1{path}"
-        observer = _observer(path, settings)
-        rules = Rules(
-            settings.openai_model,
-            endpoint_defaults(settings.extra_body, path),
-            stream_usage=settings.include_stream_usage and path == "/chat/completions",
-        )
-        patcher = Patcher(rules, settings.offload_body_bytes, helper)
-        redact = settings.openai_api_key if settings.log_bodies else None
-        intake = Intake(full_path, patcher, settings.max_request_bytes, settings.request_body_timeout, allowed, redact)
-        endpoint = upstream.endpoint(path)
-        attempts = Attempts(full_path, endpoint, slots, retrier, failures, observer, settings.retry_stale_connections)
-        relay = ResponseRelay(full_path, observer, settings.timing_header)
-        return Proxy(full_path, settings, intake, attempts, relay, failures, observer)
-
+    shared = _Shared(settings, fleet, slots, Retrier(settings.retry, failover=len(fleet.members) > 1), helper, allowed)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = StaticJSON(orjson.dumps({"status": "ok"}))
     # The API paths come first: the router tries routes in order. Proxy answers methods other than POST.
     routes: list[BaseRoute] = [
-        *(ExactPath(f"/v1{path}", proxy(path)) for path in API_PATHS),
+        *(ExactPath(f"/v1{path}", _proxy(path, shared)) for path in API_PATHS),
         ExactPath("/v1/models", AllowMethods(_READ, StaticJSON(orjson.dumps({"object": "list", "data": [model]})))),
         Route("/v1/models/{model_id:path}", AllowMethods(_READ, ModelInfo(model))),
-        *(ExactPath(path, AllowMethods(_READ, healthy)) for path in HEALTH_PATHS),
+        ExactPath("/readyz", AllowMethods(_READ, Readiness(fleet))),
+        ExactPath("/health/upstreams", AllowMethods(_READ, UpstreamsView(fleet))),
+        *(ExactPath(path, AllowMethods(_READ, healthy)) for path in HEALTH_PATHS if path != "/readyz"),
     ]
+    tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
     if flush_metrics is not None:
         routes.append(ExactPath("/metrics", AllowMethods(_READ, MetricsEndpoint(flush_metrics))))
+        tasks.append(functools.partial(keep_flushing, flush_metrics))
+    routing = settings.routing
+    if routing.probe_interval is not None:
+        probe_timeout = min(routing.probe_interval, settings.connect_timeout or 10.0)
+        tasks.append(functools.partial(keep_probing, fleet.members, routing.probe_path, routing.probe_interval, probe_timeout))
+    upstreams = [member.upstream for member in fleet.members]
     summary = (
-        f"relay: POST /v1/chat/completions and /v1/responses -> {upstream.base_url} as model {settings.openai_model} "
-        f"(in-flight cap: {settings.max_concurrent_requests or 'unlimited'}"
+        f"relay: POST /v1/chat/completions and /v1/responses -> {', '.join(u.base_url for u in upstreams)} as model "
+        f"{settings.openai_model} (in-flight cap: {settings.max_concurrent_requests or 'unlimited'}"
         f"{', client keys required' if settings.relay_api_keys else ''})"
     )
-    # Middleware inside the Router: plain callables that return the next app's coroutine, so they cost no
-    # coroutine frame of their own (uvicorn would take a plain callable at the top for ASGI 2).
-    middleware = []
-    if allowed is not None:
-        middleware.append(Middleware(AllowedHosts, allowed))
-    if settings.relay_api_keys:
-        open_paths = HEALTH_PATHS if settings.metrics_require_auth else (*HEALTH_PATHS, "/metrics")
-        middleware.append(Middleware(RequireKey, settings.relay_api_keys, open_paths))
+    opens = [u.open for u in upstreams]
+    closes = [*(u.close for u in upstreams), helper.close]
     return Router(
         routes,
         redirect_slashes=False,
         default=not_found,
-        lifespan=lifespan([upstream.open], [upstream.close, helper.close], flush_metrics, summary),
-        middleware=middleware,
+        lifespan=lifespan(opens, closes, tasks, flush_metrics, summary),
+        middleware=_middleware(settings, allowed),
     )
+
+
+class _Shared(NamedTuple):
+    """What every endpoint's Proxy shares in one process."""
+
+    settings: Settings
+    fleet: Fleet
+    slots: Slots
+    retrier: Retrier
+    helper: Helper
+    allowed: HostNames | None
+
+
+def _proxy(path: str, shared: _Shared) -> Proxy:
+    settings = shared.settings
+    full_path = f"/v1{path}"
+    observer = _observer(path, settings)
+    affinity = shared.fleet.affinity
+    rules = Rules(
+        settings.openai_model,
+        endpoint_defaults(settings.extra_body, path),
+        stream_usage=settings.include_stream_usage and path == "/chat/completions",
+        cache_key=affinity,
+    )
+    patcher = Patcher(rules, settings.offload_body_bytes, shared.helper)
+    redact = settings.openai_api_key if settings.log_bodies else None
+    intake = Intake(
+        full_path, patcher, settings.max_request_bytes, settings.request_body_timeout, shared.allowed, redact,
+        affinity, settings.routing.session_cookie,
+    )  # fmt: skip
+    failures = Failures(settings.connect_timeout, settings.read_timeout, settings.total_timeout)
+    attempts = Attempts(
+        full_path, shared.fleet, shared.slots, shared.retrier, failures, observer, settings.retry_stale_connections, settings.routing
+    )
+    relay = ResponseRelay(full_path, observer, settings.timing_header)
+    return Proxy(full_path, settings, intake, attempts, relay, failures, observer)
+
+
+def _fleet(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None) -> Fleet:
+    routing = settings.routing
+    members = []
+    for spec in settings.upstreams:
+        upstream = Upstream(spec.url, spec.api_key or settings.openai_api_key, settings, resolver)
+        health = Health(routing.eject_after, routing.eject_seconds, routing.max_eject_seconds)
+        endpoints = {path: upstream.endpoint(path) for path in API_PATHS}
+        members.append(Member(upstream, endpoints, health, Slots(spec.max_concurrent_requests), spec.weight))
+    return Fleet(members, routing)
+
+
+def _middleware(settings: Settings, allowed: HostNames | None) -> list[Middleware]:
+    """Inside the Router: plain callables that return the next app's coroutine, so they cost no coroutine
+    frame of their own (uvicorn would take a plain callable at the top for ASGI 2)."""
+    middleware = []
+    if allowed is not None:
+        middleware.append(Middleware(AllowedHosts, allowed))
+    if settings.relay_api_keys:
+        open_paths = HEALTH_PATHS if settings.metrics_require_auth else (*HEALTH_PATHS, "/metrics", "/health/upstreams")
+        middleware.append(Middleware(RequireKey, settings.relay_api_keys, open_paths))
+    return middleware
 
 
 def _observer(path: str, settings: Settings) -> Observer:

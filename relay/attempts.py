@@ -1,13 +1,16 @@
 """Sending one request upstream until there is an answer to relay.
 
-Each attempt holds a concurrency slot; after a failure the failure table (relay.failures) and two rules
-decide whether to try again:
+Each attempt holds the process's concurrency slot and its upstream's own; after a failure before the
+answer, the failure table (relay.failures) and three rules decide what comes next:
 - the keep-alive race: a connection taken from the pool (used before) that ends with no byte of an answer
   was closed by the upstream as the request crossed it, so the upstream cannot have answered it. The
-  request goes again at once, on a new connection, in the same slot, once per request
-  (`retry_stale_connections`, on by default; browsers do the same);
-- the opt-in retry policy (relay.retry), for failures the table allows and for the configured statuses,
-  with backoff and a process-wide budget; the slot is released while it sleeps.
+  request goes again at once, on a new connection to the same upstream, in the same slots, once per
+  request (`retry_stale_connections`, on by default; browsers do the same);
+- failover: with several upstreams, a failure the table allows to resend (or a status in
+  `routing.failover_statuses`) goes at once to another upstream, at most once per upstream, within the
+  retry budget;
+- the opt-in retry policy (relay.retry), with backoff; the slots are released while it sleeps.
+Every attempt's outcome feeds its upstream's health (relay.health).
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import asyncio
 import logging
 import time
 
-from relay.deadlines import IDLE, UPSTREAM, Watchdog
-from relay.failures import NEVER, UPSTREAM_ERRORS, Failure, Failures, describe
+from relay.deadlines import IDLE, UPSTREAM_SILENT, Watchdog
+from relay.failures import NEVER, Failure, Failures, describe
+from relay.fleet import Fleet, Member
 from relay.headers import Header
 from relay.observe import Observer, RequestRecord
 from relay.retry import Retrier
 from relay.seams.aiohttp_internals import nothing_received
+from relay.settings import Routing
 from relay.slots import Slots
-from relay.upstream import Endpoint, Response
+from relay.upstream import Response, Unanswered
 
 log = logging.getLogger("relay")
 
@@ -32,86 +37,135 @@ class Attempts:
     def __init__(
         self,
         path: str,
-        endpoint: Endpoint,
+        fleet: Fleet,
         slots: Slots,
         retrier: Retrier,
         failures: Failures,
         observer: Observer,
         resend_stale: bool,
+        routing: Routing,
     ) -> None:
         self.path = path
-        self.endpoint = endpoint
+        self.api_path = path.removeprefix("/v1")
+        self.fleet = fleet
         self.slots = slots
         self.retrier = retrier
         self.failures = failures
         self.observer = observer
         self.resend_stale = resend_stale
+        self.failover = routing.failover and len(fleet.members) > 1
+        self.failover_statuses = routing.failover_statuses if self.failover else frozenset()
 
     async def answer(
         self, query: bytes, headers: list[Header], body: bytes, record: RequestRecord, watchdog: Watchdog
-    ) -> Response | Failure:
-        """The answer to relay, with its slot still held (give it back with `done()`), or the failure that
-        ends the request (logged, no slot held)."""
+    ) -> tuple[Response, Member] | Failure:
+        """The answer to relay and its upstream, with their slots still held (give them back with
+        `done()`), or the failure that ends the request (logged, no slot held)."""
         self.retrier.admit()
         resend_stale = self.resend_stale
-        while True:
+        tried: tuple[Member, ...] = ()
+        while True:  # a round per sleep of the retry policy
             if not self.slots.acquire_now():
                 record.slot_wait += await self.slots.acquire()
-            answered = False
-            fresh = False
+            member = self.fleet.choose(record.affinity, tried)
+            holding = answered = fresh = False
             try:
-                while True:  # the attempts of one slot: the first, and a resend after a keep-alive race
+                if not member.slots.acquire_now():
+                    record.slot_wait += await member.slots.acquire()
+                holding = self._took(member, record)
+                while True:  # the attempts of these slots: the first, a resend after the race, failovers
                     record.attempts += 1
                     sent = time.perf_counter()
-                    reused = False
                     try:
-                        connection, reused = await self.endpoint.connect(fresh)  # within connect_timeout
-                        watchdog.waiting(UPSTREAM)
-                        response = await self.endpoint.send(connection, query, headers, body)
-                    except UPSTREAM_ERRORS as exc:
+                        response = await member.endpoints[self.api_path].post(query, headers, body, fresh, watchdog.waiting_upstream)
+                    except Unanswered as failed:
                         watchdog.waiting(IDLE)
-                        failure = self.failures.classify(exc)
+                        failure = self.failures.classify(failed.cause)
                         self.observer.upstream_failed(record, failure.kind)
-                        if resend_stale and reused and _raced(failure, exc):
+                        if resend_stale and failed.reused and _raced(failure, failed.cause):
                             resend_stale, fresh = False, True
                             self._retrying(record, "stale_connection", 0.0)
                             continue
-                        delay = self.retrier.after_failure(failure, record.attempts - 1, record.started)
-                        if delay is None:
-                            log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, describe(exc))
-                            return failure
-                        reason = failure.kind
+                        member.last_error = failure.kind
+                        member.health.failed()
+                        if not (failure.resend != NEVER and self._may_fail_over(tried)):
+                            delay = self.retrier.after_failure(failure, record.attempts - 1, record.started)
+                            if delay is None:
+                                log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, describe(failed.cause))
+                                return failure
+                            reason = failure.kind
+                            break
                     else:
-                        delay = self._after_answer(response, record, sent)
-                        if delay is None:
-                            answered = True
-                            return response
-                        watchdog.waiting(IDLE)
-                        response.close()  # the retried answer is discarded; its connection is not worth draining
-                        reason = str(response.status)
-                    break
+                        delay = self._after_answer(response, member, record, sent)
+                        if not (response.status in self.failover_statuses and self._may_fail_over(tried)):
+                            if delay is None:
+                                answered = True
+                                return response, member
+                            watchdog.waiting(IDLE)
+                            response.close()  # the retried answer is discarded; its connection is not worth draining
+                            reason = str(response.status)
+                            break
+                        response.close()
+                    # Failover: at once, to an upstream not tried yet for this request, in the same process slot.
+                    self._give_back(member, watchdog)
+                    holding = False
+                    tried = (*tried, member)
+                    member = self.fleet.choose(record.affinity, tried)
+                    self._retrying(record, f"failover to {member.label}", 0.0, "failover")
+                    if not member.slots.acquire_now():
+                        record.slot_wait += await member.slots.acquire()
+                    holding, fresh = self._took(member, record), False
             finally:
                 if not answered:
+                    if holding:
+                        self._give_back(member, watchdog)
                     self.slots.release()
             self._retrying(record, reason, delay)
             await asyncio.sleep(delay)
 
-    def done(self, response: Response) -> None:
-        """The answer has been relayed (or given up on): its slot is free."""
+    def done(self, member: Member, watchdog: Watchdog, record: RequestRecord) -> None:
+        """The answer has been relayed, or given up on: its slots are free, and a body the upstream broke
+        off or went silent in counts against it."""
+        member.in_flight -= 1
+        member.slots.release()
         self.slots.release()
+        if record.error == "mid_body" or watchdog.reason == UPSTREAM_SILENT:
+            member.health.failed()
 
-    def _after_answer(self, response: Response, record: RequestRecord, sent: float) -> float | None:
+    def _took(self, member: Member, record: RequestRecord) -> bool:
+        member.in_flight += 1
+        member.health.sent()
+        record.upstream = member.label
+        return True
+
+    def _give_back(self, member: Member, watchdog: Watchdog) -> None:
+        member.in_flight -= 1
+        member.slots.release()
+        if watchdog.reason == UPSTREAM_SILENT:  # it took read_timeout without answering
+            member.health.failed()
+        else:
+            member.health.abandoned()
+
+    def _may_fail_over(self, tried: tuple[Member, ...]) -> bool:
+        return self.failover and len(tried) + 1 < len(self.fleet.members) and self.retrier.spend()
+
+    def _after_answer(self, response: Response, member: Member, record: RequestRecord, sent: float) -> float | None:
         record.error = None  # an earlier attempt's failure is not this answer's
         record.ttfb = time.perf_counter() - sent
         record.upstream_status = response.status
+        member.answers[response.status] = member.answers.get(response.status, 0) + 1
+        if response.status >= 500:
+            member.health.failed()
+        else:
+            member.health.succeeded()
         try:
             return self.retrier.after_status(response.status, response.headers, record.attempts - 1, record.started)
         except BaseException:
             response.close()
             raise
 
-    def _retrying(self, record: RequestRecord, reason: str, delay: float) -> None:
-        self.observer.retrying(reason)
+    def _retrying(self, record: RequestRecord, reason: str, delay: float, label: str | None = None) -> None:
+        self.observer.retrying(label or reason)
         log.info("retrying %s in %.2f s (attempt %d: %s)", self.path, delay, record.attempts, reason)
 
 

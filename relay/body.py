@@ -30,28 +30,34 @@ class Rules:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # extra_body: added where the request has no such key
     drop_reasoning_items: bool = False  # Responses: `type: reasoning` items leave the `input` list
     stream_usage: bool = False  # chat: a stream asks for the usage chunk unless the client said otherwise
+    cache_key: bool = False  # return the body's prompt_cache_key (a conversation key for relay.fleet)
 
 
 def patch(raw: bytes, rules: Rules) -> bytes:
     """Set `model`, add each default the request does not set (an explicit null counts as set), apply
     the endpoint's rewrites."""
+    return patch_keyed(raw, rules)[0]
+
+
+def patch_keyed(raw: bytes, rules: Rules) -> tuple[bytes, str | None]:
+    """patch(), and the body's prompt_cache_key when `rules.cache_key` asks for it."""
     try:
         request = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return _patch_exactly(raw, rules, reason=str(exc))
     if not isinstance(request, dict):
         raise InvalidBody(f"the request body must be a JSON object, not {_json_type(request)}")
-    _apply(request, rules)
+    key = _apply(request, rules)
     try:
         patched = orjson.dumps(request)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
         return _patch_exactly(raw, rules, reason="")
     if b"+" in patched and b"e+" in patched and _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY):
         return _patch_exactly(raw, rules, reason="")
-    return patched
+    return patched, key
 
 
-def _apply(request: dict[str, Any], rules: Rules) -> None:
+def _apply(request: dict[str, Any], rules: Rules) -> str | None:
     request["model"] = rules.model
     for key, value in rules.defaults.items():
         request.setdefault(key, value)
@@ -65,9 +71,13 @@ def _apply(request: dict[str, Any], rules: Rules) -> None:
             request["stream_options"] = {"include_usage": True}
         elif isinstance(options, dict):
             options.setdefault("include_usage", True)
+    if rules.cache_key:
+        key = request.get("prompt_cache_key")
+        return key if isinstance(key, str) and key else None
+    return None
 
 
-def _patch_exactly(raw: bytes, rules: Rules, reason: str) -> bytes:
+def _patch_exactly(raw: bytes, rules: Rules, reason: str) -> tuple[bytes, str | None]:
     """The standard library's path: big integers stay exact and lone surrogates survive as escapes."""
     try:
         request = json.loads(raw, parse_constant=_reject_constant)
@@ -77,9 +87,9 @@ def _patch_exactly(raw: bytes, rules: Rules, reason: str) -> bytes:
         raise InvalidBody("the request body is nested too deeply") from None
     if not isinstance(request, dict):
         raise InvalidBody(f"the request body must be a JSON object, not {_json_type(request)}")
-    _apply(request, rules)
+    key = _apply(request, rules)
     try:
-        return json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(request, separators=(",", ":"), allow_nan=False).encode(), key
     except ValueError:  # a number too large for a double, such as 1e400
         raise InvalidBody("the request body has a number out of range") from None
     except RecursionError:

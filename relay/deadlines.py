@@ -63,6 +63,11 @@ class Watchdog:
         self.phase = phase
         self.since = self._now()
 
+    def waiting_upstream(self) -> None:
+        """A connection is there: what follows waits for the upstream (read_timeout)."""
+        self.phase = UPSTREAM
+        self.since = self._now()
+
     def client_left(self) -> None:
         self._give_up(CLIENT_LEFT)
 

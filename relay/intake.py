@@ -12,6 +12,7 @@ import zlib
 
 from starlette.types import Receive, Scope, Send
 
+from relay.affinity import ROLLOUT_KEY, from_cookies, new_session_cookie
 from relay.body import InvalidBody
 from relay.client_connection import CLIENT_KEY, ClientConnection
 from relay.host_names import HostNames
@@ -45,6 +46,8 @@ class Intake:
         body_timeout: float | None,
         origins: HostNames | None,
         redact: str | None,
+        affinity: bool = False,
+        session_cookie: str | None = None,
     ) -> None:
         self.path = path
         self.patch = patcher
@@ -52,9 +55,11 @@ class Intake:
         self.body_timeout = body_timeout
         self.origins = origins  # None: any Origin (allowed_hosts: "*")
         self.redact = redact  # with log_bodies: the API key, which never appears in a log line
+        self.affinity = affinity  # find the conversation's key (several upstreams)
+        self.session_cookie = session_cookie.encode() if session_cookie else None
 
     async def read(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> bytes | None:
-        length, content_type, encoding, origin = _scan(scope["headers"])
+        length, content_type, encoding, origin, session, cookies = _scan(scope["headers"])
         if origin is not None and self.origins is not None and not _same_site(origin, self.origins):
             # A browser sends Origin with a cross-site POST; a page must not spend the operator's key.
             refused("invalid_origin")
@@ -88,12 +93,26 @@ class Intake:
         except zlib.error:
             return await self._refuse(send, record, 400, "the request body is not valid gzip or deflate data", "invalid_json")
         try:
-            body = await self.patch.patch_in_helper(raw) if self.patch.is_big(raw) else self.patch(raw)
+            body, cache_key = await self.patch.patch_in_helper(raw) if self.patch.is_big(raw) else self.patch(raw)
         except InvalidBody as exc:
             return await self._refuse(send, record, 400, str(exc), "invalid_json")
+        if self.affinity:
+            self._conversation(record, session, cache_key, scope.get(ROLLOUT_KEY), cookies)
         if self.redact is not None:
             log.debug("request body to %s: %s", self.path, body.decode("utf-8", "replace").replace(self.redact, "[redacted]"))
         return body
+
+    def _conversation(
+        self, record: RequestRecord, session: bytes | None, cache_key: str | None, rollout: str | None, cookies: bytes | None
+    ) -> None:
+        """The request's conversation key, in the order relay.affinity gives; a new session cookie when
+        the relay hands out its own and the request named no key."""
+        key = session or (cache_key.encode() if cache_key else None) or (rollout.encode() if rollout else None)
+        if key is None and cookies is not None:
+            key = from_cookies(cookies, self.session_cookie)
+        if key is None and self.session_cookie is not None:
+            key, record.set_cookie = new_session_cookie(self.session_cookie)
+        record.affinity = key
 
     async def _too_large(self, send: Send, record: RequestRecord) -> None:
         message = f"the request body is larger than max_request_bytes ({self.max_body} bytes)"
@@ -106,8 +125,12 @@ class Intake:
         await send_error(send, status, message, code=code, headers=headers)
 
 
-def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
-    length = content_type = encoding = origin = None
+_Scanned = tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bytes | None]
+
+
+def _scan(headers: list[tuple[bytes, bytes]]) -> _Scanned:
+    """The headers intake looks at, in one pass: framing, coding, Origin, and the conversation's key."""
+    length = content_type = encoding = origin = session = cookies = None
     for name, value in headers:
         if name == b"content-length":
             length = value
@@ -117,7 +140,11 @@ def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | Non
             encoding = value
         elif name == b"origin":
             origin = value
-    return length, content_type, encoding, origin
+        elif name == b"x-session-id":
+            session = value
+        elif name == b"cookie":
+            cookies = value if cookies is None else cookies + b"; " + value
+    return length, content_type, encoding, origin, session, cookies
 
 
 def _same_site(origin: bytes, names: HostNames) -> bool:

@@ -8,11 +8,10 @@ import gc
 import logging
 import resource
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from relay.metrics import keep_flushing
 from relay.seams.uvicorn_internals import install_log_filter
 
 log = logging.getLogger("relay")
@@ -23,12 +22,13 @@ Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
 def lifespan(
     opens: Sequence[Callable[[], Awaitable[None]]],
     closes: Sequence[Callable[[], Awaitable[None] | None]],
+    tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]],
     flush_metrics: Callable[[], None] | None,
     summary: str,
 ) -> Lifespan:
-    """Start: the process limits, then each of `opens` (connection pools); the metrics flusher; the
-    summary line. Stop: the flusher, then each of `closes`, then a last flush (the last requests, into the
-    files other workers' scrapes read)."""
+    """Start: the process limits, then each of `opens` (connection pools), then the background `tasks`
+    (the metrics flusher, the active probe), then the summary line. Stop: the tasks, then each of
+    `closes`, then a last flush (the last requests, into the files other workers' scrapes read)."""
 
     @asynccontextmanager
     async def run(_: object) -> AsyncIterator[None]:
@@ -38,15 +38,16 @@ def lifespan(
         _tune_garbage_collector()
         for open_ in opens:
             await open_()
-        flushing = asyncio.create_task(keep_flushing(flush_metrics)) if flush_metrics is not None else None
+        running = [asyncio.create_task(task()) for task in tasks]
         log.info("%s", summary)
         try:
             yield
         finally:
-            if flushing is not None:
-                flushing.cancel()
+            for task in running:
+                task.cancel()
+            for task in running:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await flushing
+                    await task
             for close in closes:
                 result = close()
                 if result is not None:

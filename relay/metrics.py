@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -61,6 +62,7 @@ class Metrics:
         self.upstream_errors = Counter("relay_upstream_errors", "Upstream failures, by kind", ["kind"])
         self.retries = Counter("relay_retries", "Upstream requests tried again, by reason", ["reason"])
         self.refused = Counter("relay_refused", "Requests refused before routing, by reason", ["reason"])
+        self.fleet = FleetMetrics()
         # Alerts take rate() of these: a series that exists from the first scrape has a rate from the second.
         for labelled, values in ((self.upstream_errors, KINDS), (self.retries, RETRY_REASONS), (self.refused, REFUSAL_REASONS)):
             for value in values:
@@ -73,12 +75,43 @@ class Metrics:
             self._endpoints[label] = EndpointMetrics(self, label)
         return self._endpoints[label]
 
-    def flush(self, in_flight: int, waiting: int) -> None:
+    def flush(self, in_flight: int, waiting: int, fleet: Any) -> None:
         self.in_flight.set(in_flight)
         self.waiting.set(waiting)
         for endpoint in self._endpoints.values():
             endpoint.flush()
         self.slot_wait_tally.flush()
+        self.fleet.flush(fleet)
+
+
+class FleetMetrics:
+    """Each upstream's figures (label `upstream`: host:port, never a key), sampled or handed over at each
+    flush from the plain numbers relay.fleet keeps: in flight, ejected, answers by status, affinity."""
+
+    def __init__(self) -> None:
+        self.in_flight = Gauge("relay_fleet_in_flight", "Requests in flight, by upstream", ["upstream"], multiprocess_mode="livesum")
+        self.ejected = Gauge("relay_fleet_ejected", "1 while an upstream is ejected", ["upstream"], multiprocess_mode="livemax")
+        self.answers = Counter("relay_fleet_answers", "Answers received, by upstream and status", ["upstream", "status"])
+        self.errors = Counter("relay_fleet_errors", "Upstream failures, by upstream and kind", ["upstream", "kind"])
+        self.affinity = Counter("relay_affinity", "Requests with a conversation key: on its own upstream, or spilled over", ["result"])
+        self._seen: set[str] = set()
+
+    def flush(self, fleet: Any) -> None:
+        for member in fleet.members:
+            label = member.label
+            if label not in self._seen:  # a series per upstream from the first scrape
+                self._seen.add(label)
+                for kind in KINDS:
+                    self.errors.labels(label, kind)
+            self.in_flight.labels(label).set(member.in_flight)
+            self.ejected.labels(label).set(1 if member.health.state == "ejected" else 0)
+            for status, count in member.answers.items():
+                self.answers.labels(label, str(status)).inc(count)
+            member.answers.clear()
+        for result, count in (("hit", fleet.hits), ("spill", fleet.spills)):
+            if count:
+                self.affinity.labels(result).inc(count)
+        fleet.hits = fleet.spills = 0
 
 
 class Tally:

@@ -33,6 +33,9 @@ class RequestRecord:
     attempts: int = 0
     client_gone: bool = False  # the client disconnected or stopped reading before the end
     last_chunks: tuple[bytes, bytes] = (b"", b"")  # the body's last two chunks, where its usage is
+    upstream: str | None = None  # host:port of the upstream that answered (or was tried last)
+    affinity: bytes | None = None  # the conversation's key, if the request named one (never logged)
+    set_cookie: bytes | None = None  # a session cookie the relay hands to the client with its answer
 
 
 class Observer:
@@ -63,6 +66,8 @@ class Observer:
         record.error = kind
         if self.metrics is not None:
             self.metrics.upstream_errors.labels(kind).inc()
+            if record.upstream is not None:
+                self.metrics.fleet.errors.labels(record.upstream, kind).inc()
 
     def retrying(self, reason: str) -> None:
         if self.metrics is not None:
@@ -73,6 +78,7 @@ class Observer:
             "method": "POST",
             "path": record.path,
             "model": self.model if record.attempts else None,
+            "upstream": record.upstream,
             "status": record.status,
             "upstream_status": record.upstream_status,
             "duration_ms": round(duration * 1000, 2),

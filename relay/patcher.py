@@ -11,7 +11,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from relay.body import Rules, patch
+from relay.body import Rules, patch_keyed
 
 log = logging.getLogger("relay")
 
@@ -30,13 +30,14 @@ class Patcher:
         self.offload_bytes = offload_bytes
         self.helper = helper
 
-    def __call__(self, raw: bytes) -> bytes:
-        return patch(raw, self.rules)
+    def __call__(self, raw: bytes) -> tuple[bytes, str | None]:
+        """The patched body, and its prompt_cache_key when the rules ask for it."""
+        return patch_keyed(raw, self.rules)
 
     def is_big(self, raw: bytes) -> bool:
         return self.offload_bytes is not None and len(raw) >= self.offload_bytes
 
-    async def patch_in_helper(self, raw: bytes) -> bytes:
+    async def patch_in_helper(self, raw: bytes) -> tuple[bytes, str | None]:
         return await self.helper.patch(raw, self.rules)
 
 
@@ -46,13 +47,13 @@ class Helper:
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
 
-    async def patch(self, raw: bytes, rules: Rules) -> bytes:
+    async def patch(self, raw: bytes, rules: Rules) -> tuple[bytes, str | None]:
         if self._pool is None:
             context = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper)
         pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, patch, raw, rules)
+            return await asyncio.get_running_loop().run_in_executor(pool, patch_keyed, raw, rules)
         except BrokenProcessPool:
             # The helper died (killed, out of memory): patch this one here, and start a new helper next
             # time (unless a request that failed earlier already did).
@@ -60,7 +61,7 @@ class Helper:
                 log.warning("relay: the body patch helper process died; a new one starts with the next big body")
                 self._pool = None
                 pool.shutdown(wait=False)
-            return patch(raw, rules)
+            return patch_keyed(raw, rules)
 
     def close(self) -> None:
         if self._pool is not None:

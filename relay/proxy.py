@@ -80,10 +80,11 @@ class Proxy:
             if isinstance(answer, Failure):
                 await self._reply_failure(send, answer, record)
                 return
+            response, member = answer
             try:
-                await self.relay.relay(answer, send, record, watchdog)
+                await self.relay.relay(response, send, record, watchdog)
             finally:
-                self.attempts.done(answer)
+                self.attempts.done(member, watchdog, record)
         except asyncio.CancelledError:
             if watchdog.reason is None or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown): not ours to swallow

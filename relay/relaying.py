@@ -32,6 +32,8 @@ class ResponseRelay:
         headers = client_response_headers(response.raw_headers)
         if self.timing_header:
             headers.append((b"server-timing", _server_timing(record)))
+        if record.set_cookie is not None:
+            headers.append((b"set-cookie", record.set_cookie))
         record.request_id = response.headers.get("x-request-id")
         record.status = response.status
         content = response.content

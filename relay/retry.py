@@ -17,15 +17,23 @@ from relay.settings import RetryPolicy
 
 
 class Retrier:
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, failover: bool = False) -> None:
+        """`failover`: several upstreams, whose failovers spend the same budget as retries."""
         self.policy = policy
-        self.enabled = policy.enabled
+        self.enabled = policy.enabled or failover
         self.tokens = float(policy.budget_burst)
 
     def admit(self) -> None:
         """A new request earns the budget a fraction of a retry."""
         if self.enabled:
             self.tokens = min(self.policy.budget_burst, self.tokens + self.policy.budget_ratio)
+
+    def spend(self) -> bool:
+        """Take one resend from the budget (a failover), if there is one left."""
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     # `started` is the request's arrival, in time.perf_counter() seconds.
     def after_status(self, status: int, headers: Mapping[str, str], attempt: int, started: float) -> float | None:
@@ -44,7 +52,7 @@ class Retrier:
 
     def _delay(self, attempt: int, started: float, server_asked: float | None) -> float | None:
         policy = self.policy
-        if attempt + 1 >= policy.max_attempts or self.tokens < 1:
+        if not policy.enabled or attempt + 1 >= policy.max_attempts or self.tokens < 1:
             return None
         ceiling = min(policy.max_backoff, policy.backoff * 2**attempt)
         delay = random.uniform(0, ceiling)  # full jitter spreads the retries of many clients apart

@@ -10,6 +10,7 @@ from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from relay.fleet import Fleet
 from relay.replies import allow_header, error_body, send_error, send_json, send_not_allowed
 
 
@@ -89,3 +90,33 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
         return
     message = f"Invalid URL ({scope['method']} {scope['path']}): the relay serves POST /v1/chat/completions and POST /v1/responses"
     await send_json(send, 404, error_body(message, "invalid_request_error", code="unknown_url"))
+
+
+class Readiness:
+    """GET /readyz: 200 while some upstream can be sent to; 503 naming each upstream's state when none can
+    (all ejected after failing in a row, or failing the active probe). /livez, /health and / only say
+    that the process is up."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.ok = orjson.dumps({"status": "ok"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fleet.ready():
+            await send_json(send, 200, self.ok)
+            return
+        states = "; ".join(
+            f"{u['upstream']} {u['state']} ({u['failures_in_a_row']} failures in a row, last: {u['last_error'] or 'probe'})"
+            for u in self.fleet.view()
+        )
+        await send_error(send, 503, f"no upstream can be reached: {states}", type="upstream_error", code="upstream_unavailable")
+
+
+class UpstreamsView:
+    """GET /health/upstreams: each upstream's state, in flight, failures, ejection."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, orjson.dumps({"ready": self.fleet.ready(), "upstreams": self.fleet.view()}))

@@ -32,8 +32,35 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class UpstreamSpec:
+    """One entry of `openai_base_url`."""
+
+    url: str
+    api_key: str | None = field(default=None, repr=False)  # None: openai_api_key
+    weight: int = 1
+    max_concurrent_requests: int | None = None  # this upstream's own cap, within the process's
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How requests spread over several upstreams (relay.fleet); with one upstream, only health counts."""
+
+    affinity: str = "auto"  # auto: a conversation's requests go to one upstream; none: balance only
+    balance: str = "least_in_flight"  # or round_robin (weighted)
+    load_factor: float = 1.25  # bounded load: no upstream above this times its share of what is in flight
+    failover: bool = True  # a failure before the answer goes to another upstream, once per upstream
+    failover_statuses: frozenset[int] = frozenset({502, 503})
+    eject_after: int = 3  # failures in a row that eject an upstream
+    eject_seconds: float = 2.0  # the first ejection; doubles each time it fails again, up to:
+    max_eject_seconds: float = 60.0
+    probe_interval: float | None = None  # seconds between active probes; None: answers only
+    probe_path: str = "/models"  # under each base URL
+    session_cookie: str | None = None  # a cookie the relay sets and reads as the conversation's key
+
+
+@dataclass(frozen=True)
 class Settings:
-    openai_base_url: str
+    openai_base_url: str | tuple[UpstreamSpec, ...]
     openai_api_key: str = field(repr=False)
     openai_model: str
     openai_default_headers: Mapping[str, str] = field(default_factory=dict)
@@ -65,6 +92,14 @@ class Settings:
     timing_header: bool = False
     include_stream_usage: bool = False  # chat streams ask for the usage chunk unless the client said
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    routing: Routing = field(default_factory=Routing)
+
+    @property
+    def upstreams(self) -> tuple[UpstreamSpec, ...]:
+        """`openai_base_url` as entries: a single URL is one entry."""
+        if isinstance(self.openai_base_url, str):
+            return (UpstreamSpec(self.openai_base_url),)
+        return self.openai_base_url
 
 
 

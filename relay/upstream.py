@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 import weakref
+from collections.abc import Callable
 
 import aiohttp
 import aiohttp.abc
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -119,8 +121,8 @@ class Upstream:
 
 
 class Endpoint:
-    """POST to one URL of the upstream: `connection, reused = await endpoint.connect()`, then
-    `await endpoint.send(connection, query, headers, body)` -> Response (which owns the connection)."""
+    """POST to one URL of the upstream: `await endpoint.post(query, headers, body, fresh, connected)` ->
+    Response (which owns the connection)."""
 
     def __init__(self, upstream: Upstream, url: URL) -> None:
         self.upstream = upstream
@@ -135,7 +137,20 @@ class Endpoint:
         self._default_block = b"".join(self._defaults.values())
         self._key: aiohttp.ClientRequest | None = None  # what connector.connect() keys its pool on
 
-    async def connect(self, fresh: bool = False) -> tuple[Connection, bool]:
+    async def post(
+        self, query: bytes, headers: list[Header], body: bytes, fresh: bool, connected: Callable[[], None]
+    ) -> Response:
+        """Send the request and wait for the answer's head; `connected()` is called once a connection is
+        there (connect_timeout ends, read_timeout begins). The client's `headers` are lower-case pairs.
+        Raises Unanswered when the attempt fails before the answer's head."""
+        connection, reused = await self._connect(fresh)
+        connected()
+        try:
+            return await self._send(connection, query, headers, body)
+        except (aiohttp.ClientError, HttpProcessingError) as exc:
+            raise Unanswered(exc, reused) from exc
+
+    async def _connect(self, fresh: bool) -> tuple[Connection, bool]:
         """A connection to the upstream, and whether it was used before: a clean pooled one, or a new one.
         With `fresh`, a new one: the idle pooled ones it passes over are closed, since the upstream has
         just closed one of them and the rest are as old."""
@@ -143,25 +158,26 @@ class Endpoint:
             self._key = seam.pool_key(self.url)
         used = self.upstream.used_connections
         while True:
-            connection = await seam.take_connection(self.upstream.connector, self._key, self.upstream.timeout)
+            try:
+                connection = await seam.take_connection(self.upstream.connector, self._key, self.upstream.timeout)
+            except aiohttp.ClientError as exc:
+                raise Unanswered(exc, False) from exc
             protocol = connection.protocol
             if protocol is None:
-                return connection, False  # send() reports it
+                return connection, False  # sending reports it
             if protocol not in used:
                 used.add(protocol)
                 closed = seam.closed_future(protocol)  # lives as long as the connection, pooled or not
                 if closed is not None:
                     closed.add_done_callback(_retrieve)  # so its error, if any, is always retrieved
-                return connection, False  # whatever the upstream sent first, send()'s parser reports
+                return connection, False  # whatever the upstream sent first, the parser reports
             if not fresh and not seam.is_dirty(protocol):
                 return connection, True
             # The upstream wrote on it while it sat in the pool (an unsolicited 408, a late answer), or a
             # new connection is wanted: the next request must not get what it holds.
             seam.drop(connection)
 
-    async def send(self, connection: Connection, query: bytes, headers: list[Header], body: bytes) -> Response:
-        """Send the request, wait for the answer's head. The client's `headers` are lower-case pairs.
-        Raises NotSent when the connection was found closed before a byte was written."""
+    async def _send(self, connection: Connection, query: bytes, headers: list[Header], body: bytes) -> Response:
         try:
             protocol = connection.protocol
             transport = connection.transport
@@ -191,6 +207,16 @@ class Endpoint:
 
 class NotSent(aiohttp.ClientConnectionResetError):
     """The connection was gone before any byte of the request left: sending it again cannot duplicate it."""
+
+
+class Unanswered(Exception):
+    """An attempt that failed before the answer's head: what ended it, and whether the connection had
+    been used before (the keep-alive race can only happen on one that had)."""
+
+    def __init__(self, cause: BaseException, reused: bool) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.reused = reused
 
 
 def _retrieve(closed: asyncio.Future[None]) -> None:

@@ -10,7 +10,7 @@ import signal
 import orjson
 import pytest
 
-from relay.body import InvalidBody, Rules, patch
+from relay.body import InvalidBody, Rules, patch, patch_keyed
 from relay.patcher import Helper, Patcher
 
 MODEL = "configured-model"
@@ -94,13 +94,13 @@ def test_patcher_recovers_when_its_helper_process_dies(caplog: pytest.LogCapture
         patcher = Patcher(Rules(MODEL, {"seed": 1}), 1, helper)
         try:
             assert patcher.is_big(b"{}") and not Patcher(RULES, None, helper).is_big(b"{}")
-            first = await patcher.patch_in_helper(b'{"a": 1}')
+            first, _ = await patcher.patch_in_helper(b'{"a": 1}')
             assert helper._pool is not None
             for process in list(helper._pool._processes.values()):  # the helper dies (OOM killer, say)
                 os.kill(process.pid, signal.SIGKILL)
                 process.join(10)
-            second = await patcher.patch_in_helper(b'{"a": 2}')
-            third = await patcher.patch_in_helper(b'{"a": 3}')  # and a new helper takes over
+            second, _ = await patcher.patch_in_helper(b'{"a": 2}')
+            third, _ = await patcher.patch_in_helper(b'{"a": 3}')  # and a new helper takes over
             return [json.loads(body) for body in (first, second, third)]
         finally:
             helper.close()
@@ -132,3 +132,11 @@ def test_stream_usage_is_asked_for_unless_the_client_said(body: dict, expected: 
     patched_body = json.loads(patch(orjson.dumps(body), Rules(MODEL, stream_usage=True)))
     assert patched_body.get("stream_options") == expected
     assert "stream_options" not in json.loads(patch(orjson.dumps({"stream": True}), RULES))
+
+
+def test_the_prompt_cache_key_comes_back_only_when_asked() -> None:
+    raw = b'{"prompt_cache_key": "conv-17", "input": "hi"}'
+    assert patch_keyed(raw, Rules(MODEL, cache_key=True)) == (patch(raw, RULES), "conv-17")
+    assert patch_keyed(raw, RULES)[1] is None
+    assert patch_keyed(b'{"prompt_cache_key": 17}', Rules(MODEL, cache_key=True))[1] is None
+    assert patch_keyed(b'{"prompt_cache_key": "k", "seed": 123456789012345678901234567890}', Rules(MODEL, cache_key=True))[1] == "k"
