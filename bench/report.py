@@ -90,7 +90,7 @@ def tables(outcome: dict[str, Any]) -> str:
         rows,
     )]  # fmt: skip
     parts += ["", _fidelity(outcome), "", _lag(outcome), "", _peer(outcome), "", _identity(outcome), _many(outcome),
-              _floor(outcome), _upstream(outcome)]  # fmt: skip
+              _floor(outcome), _upstream(outcome), _fleet(outcome)]  # fmt: skip
     parts.append(
         "\nDirect runs are limited by the core the upstream and generator share: nothing else is in their path."
     )
@@ -167,6 +167,30 @@ def _peer(outcome: dict[str, Any]) -> str:
          "nginx p50/p90/p99", "nginx CPU us/req", "relay CPU us/req", "errors", "bytes identical", "limited by"],
         rows,
     )  # fmt: skip
+
+
+def _fleet(outcome: dict[str, Any]) -> str:
+    fleet = outcome.get("fleet")
+    if not fleet:
+        return ""
+    cpu, drill, affinity = fleet["cpu_us_per_req"], fleet.get("drill", {}), fleet.get("affinity", {})
+    lines = [
+        f"Fleet (chat c=64, relay CPU per request): 1 upstream {_num(cpu['one'])} us, 3 upstreams {_num(cpu['three'])} us "
+        f"= {_num(fleet['routing_cost_ratio'], 3)}x (target <= 1.05x)",
+    ]
+    if drill:
+        lines.append(
+            f"Failover drill: c={drill['concurrency']} for {drill['seconds']:g} s, one of 3 upstreams killed halfway: "
+            f"{drill['client_errors']} client errors of {drill['requests']:,} requests {drill['error_kinds'] or ''}; "
+            f"ejected {_num(drill['ejected_after_ms'])} ms after the kill"
+        )
+    if affinity:
+        lines.append(
+            "Affinity hit rate (300 conversations of 5 turns; a hit: a turn on its first turn's upstream): "
+            f"{affinity['with_affinity']:.1%} with X-Session-ID, "
+            f"{affinity['without_affinity']:.1%} without a key"
+        )
+    return "\n".join(lines)
 
 
 def _identity(outcome: dict[str, Any]) -> str:

@@ -102,10 +102,27 @@ def assemble(
         "identity": extra.get("identity", {}),
         "many_streams": extra.get("many_streams"),
         "nginx": _peer(runs, extra.get("nginx"), throughput),
+        "fleet": _fleet(runs, extra.get("fleet"), throughput["nonstream"]),
         "relay_log_warnings": relay_log_warnings[:50],
     }
     outcome["warnings"] = warnings(outcome)
     return outcome
+
+
+def _fleet(runs: dict[tuple[Any, ...], list[dict[str, Any]]], extra: dict[str, Any] | None, nonstream: list[dict[str, Any]]) -> dict[str, Any]:
+    """Three upstreams against one: relay CPU per request at c=64, the drill, the affinity hit rates."""
+    key = ("fleet", "chat", 64, "relay3")
+    if key not in runs:
+        return {}
+    three = _medians(runs[key])
+    one = next((c["relay"]["median"] for c in nonstream if c["endpoint"] == "chat" and c["concurrency"] == 64), None)
+    single_us = one["cpu_us_per_req"] if one else math.nan
+    return {
+        "three_upstreams": {"median": three, "runs": runs[key]},
+        "cpu_us_per_req": {"one": single_us, "three": three["cpu_us_per_req"]},
+        "routing_cost_ratio": ratio(three["cpu_us_per_req"], single_us),
+        **(extra or {}),
+    }
 
 
 def _floor(runs: dict[tuple[Any, ...], list[dict[str, Any]]], nonstream: list[dict[str, Any]]) -> dict[str, Any]:

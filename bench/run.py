@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import lag, machine, nginx, report, results, workload
+from bench import fleet
+from bench.fleet import FleetBench
 from bench.loadgen import LoadSpec, PythonGenerator
 from bench.measure import Generator, measure
 from bench.procs import Cores, Proc, Processes, free_port, raise_fd_limit, wait_listening
@@ -119,6 +121,7 @@ class Bench:
         self.nginx: Proc | None = None
         self.runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         self.extra: dict[str, Any] = {}
+        self.fleet = FleetBench(procs, cores, work, self.upstream_port)
         self.progress = Progress(self._plan())
 
     # --- set-up ----------------------------------------------------------------------------
@@ -126,7 +129,7 @@ class Bench:
     def start(self) -> None:
         py = sys.executable
         self.upstream = self.procs.start(
-            "upstream", [py, "-m", "relay.testing", "--port", str(self.upstream_port)], self.cores.others
+            "upstream", [py, "-m", "relay.testing", "--port", str(self.upstream_port), "--name", "a"], self.cores.others
         )
         wait_listening(self.upstream_port, self.upstream)
         config = self.work / "relay.yaml"
@@ -145,6 +148,7 @@ class Bench:
         wait_listening(self.relay_port, self.relay)
         wait_listening(self.floor_port, self.floor)
         self._start_nginx()
+        self.fleet.start(py)
         self.generator = self._generator()
         # The floor's client loop: the Python generator in its own process, on the relay's core.
         self.floor_client = PythonGenerator(self.procs, self.cores.under_test, 1, label="floor-client")
@@ -192,10 +196,11 @@ class Bench:
         stream_s = (FIDELITY["delay_ms"] + 20 * FIDELITY["event_delay_ms"]) / 1000  # responses has ~18 events
         peers = 2 if self.nginx_binary else 0
         runs = [self._window(kind, c, mode) for kind, _, c in self._cells() for mode in MODES]
-        runs += [self.args.cpu_duration] * 2 + [self.args.duration] * peers
+        runs += [self.args.cpu_duration] * 3 + [self.args.duration] * peers  # the floor's two, the fleet's
         per_repeat = [s + 0.1 for s in runs] + [stream_s] * (2 * len(self._fidelity_cells()))
         lag_s = [lag.IDLE_SECONDS + lag.MARGIN_SECONDS + 0.5] * 2 * self.args.repeats
-        return [2 * WARMUP_SECONDS, 0.5] + per_repeat * self.args.repeats + lag_s + [self._many_stream_seconds() + 1]
+        fleet_s = [2 * fleet.CONVERSATIONS * fleet.TURNS / 2000, fleet.DRILL_SECONDS]
+        return [2 * WARMUP_SECONDS, 0.5] + per_repeat * self.args.repeats + lag_s + [self._many_stream_seconds() + 1] + fleet_s
 
     def _many_stream_seconds(self) -> float:
         return MANY_EVENTS * self._many_gap()
@@ -217,6 +222,7 @@ class Bench:
                 for mode in _order(repeat, index):
                     self._throughput(kind, endpoint, concurrency, mode, repeat)
             self._floor(repeat)
+            self._fleet_throughput(repeat)
             if self.nginx is not None:
                 for kind in ("nonstream", "stream"):
                     self._peer(kind, repeat)
@@ -225,6 +231,7 @@ class Bench:
                     self._fidelity(endpoint, streams, mode, repeat)
         self._many()
         self._lag()
+        self._fleet_drills()
         self.progress.finish()
 
     def _spec(self, url: str, endpoint: str, stream: bool, concurrency: int, duration: float) -> LoadSpec:
@@ -299,6 +306,24 @@ class Bench:
         figures["cpu_us_per_req"] = 1e6 * figures["gen_cpu_seconds"] / max(figures["ok"], 1)
         self.runs.setdefault(("floor", "client"), []).append(figures)
         self.progress.end(_outcome(figures))
+
+    def _fleet_throughput(self, repeat: int) -> None:
+        """Non-stream chat at c=64 through the relay of three upstreams: routing's CPU per request, against
+        the single-upstream relay's run of the same repeat."""
+        self.progress.begin(f"fleet: nonstream chat c={FLOOR_CONCURRENCY} through 3 upstreams #{repeat + 1}")
+        spec = self._spec(self.url("relay", "chat"), "chat", False, FLOOR_CONCURRENCY, self.args.cpu_duration)
+        figures = self.fleet.throughput(self.generator, spec, self.upstream)
+        self.runs.setdefault(("fleet", "chat", FLOOR_CONCURRENCY, "relay3"), []).append(figures)
+        self.progress.end(_outcome(figures))
+
+    def _fleet_drills(self) -> None:
+        self.progress.begin(f"fleet: affinity hit rate, {fleet.CONVERSATIONS} conversations of {fleet.TURNS} turns")
+        affinity = self.fleet.affinity()
+        self.progress.end(f"{affinity['with_affinity']:.0%} with X-Session-ID, {affinity['without_affinity']:.0%} without")
+        self.progress.begin(f"fleet: failover drill, c={fleet.DRILL_CONCURRENCY} for {fleet.DRILL_SECONDS:g} s, one upstream killed halfway")
+        drill = self.fleet.drill()
+        self.progress.end(f"{drill['client_errors']} client errors of {drill['requests']:,}; ejected after {drill['ejected_after_ms']} ms")
+        self.extra["fleet"] = {"affinity": affinity, "drill": drill}
 
     def _fidelity(self, endpoint: str, streams: int, mode: str, repeat: int) -> None:
         self.progress.begin(f"stream fidelity {endpoint} {streams} stream(s) {mode} #{repeat + 1}")

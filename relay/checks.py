@@ -26,7 +26,9 @@ def validate(config: dict[str, Any], path: Path) -> Settings:
         try:
             checked[key] = _CHECKS[key](value)
         except ValueError as exc:
-            raise ConfigError(f"{path}: {key} {exc}") from None
+            message = str(exc)
+            joint = "" if message[:1] in ".[" else " "  # retry.max_attempts, openai_base_url[1]
+            raise ConfigError(f"{path}: {key}{joint}{message}") from None
     return Settings(**checked)
 
 

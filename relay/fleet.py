@@ -2,8 +2,11 @@
 
 With a session key (relay.affinity) a request goes where its conversation went before, on a consistent
 hash ring with bounded load (relay.ring), so the upstream's prefix cache hits and no hot key overloads
-one replica. Without one, to the upstream with the fewest requests in flight for its weight, ties broken
-by smooth weighted round robin (nginx's least_conn). Ejected upstreams (relay.health) are passed over;
+one replica. Without one, by load: smooth weighted round robin (nginx's) among the upstreams whose
+requests in flight are within one per unit of weight of the least loaded one's. Upstreams as fast as
+each other thus get requests in proportion to their weights at any concurrency (a pure least-in-flight
+choice favours light ones while few requests are in flight), and one that slows down, whose requests
+pile up, is passed over until it catches up. Ejected upstreams (relay.health) are passed over;
 when every one is ejected, the one whose ejection ends first is tried rather than failing everything.
 A single upstream takes none of these paths.
 """
@@ -73,8 +76,8 @@ class Fleet:
 
     def _balanced(self, candidates: list[Member]) -> Member:
         if not self.round_robin:
-            least = min(m.in_flight / m.weight for m in candidates)
-            candidates = [m for m in candidates if m.in_flight / m.weight == least]
+            least = min(m.in_flight / m.weight for m in candidates) + 1
+            candidates = [m for m in candidates if m.in_flight <= least * m.weight]
         if len(candidates) == 1:
             return candidates[0]
         total = 0

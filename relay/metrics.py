@@ -174,10 +174,10 @@ class EndpointMetrics:
         self._relayed += bytes_out
         if tokens is not None:
             counted = self._counted
-            counted[0] += tokens.prompt
-            counted[1] += tokens.completion
-            counted[2] += tokens.cached
-            counted[3] += tokens.reasoning
+            counted[0] += tokens[0]
+            counted[1] += tokens[1]
+            counted[2] += tokens[2]
+            counted[3] += tokens[3]
 
     def flush(self) -> None:
         for status, count in self._statuses.items():

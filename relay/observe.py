@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import orjson
 
 from relay.metrics import EndpointMetrics, Metrics
-from relay.usage import Tokens, tokens_in
+from relay.usage import CACHED, COMPLETION, PROMPT, REASONING, Tokens, tokens_in
 
 access_log = logging.getLogger("relay.access")
 
@@ -53,13 +53,14 @@ class Observer:
         if self.requests is None and self.log_format == "off":
             return
         duration = time.perf_counter() - record.started
-        tokens = tokens_in(*record.last_chunks) if 200 <= record.status < 300 else None
+        # Only a whole answer's usage: one cut off in the middle (record.error) may end in a cut number.
+        counted = tokens_in(*record.last_chunks) if 200 <= record.status < 300 and record.error is None else None
         if self.requests is not None:
             self.requests.record(
-                record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait, tokens
+                record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait, counted
             )
         if self.log_format != "off":
-            self._log(record, duration, tokens)
+            self._log(record, duration, counted)
 
     def upstream_failed(self, record: RequestRecord, kind: str) -> None:
         """Counted as it happens, so a failure that a retry then mends still shows."""
@@ -73,7 +74,7 @@ class Observer:
         if self.metrics is not None:
             self.metrics.retries.labels(reason).inc()
 
-    def _log(self, record: RequestRecord, duration: float, tokens: Tokens | None) -> None:
+    def _log(self, record: RequestRecord, duration: float, counted: Tokens | None) -> None:
         fields = {
             "method": "POST",
             "path": record.path,
@@ -90,10 +91,10 @@ class Observer:
             "error": record.error,
             "request_id": record.request_id,
             "client_gone": record.client_gone or None,
-            "prompt_tokens": tokens.prompt if tokens is not None else None,
-            "completion_tokens": tokens.completion if tokens is not None else None,
-            "cached_tokens": tokens.cached if tokens is not None else None,
-            "reasoning_tokens": tokens.reasoning if tokens is not None else None,
+            "prompt_tokens": counted[PROMPT] if counted is not None else None,
+            "completion_tokens": counted[COMPLETION] if counted is not None else None,
+            "cached_tokens": counted[CACHED] if counted is not None else None,
+            "reasoning_tokens": counted[REASONING] if counted is not None else None,
         }
         if self.log_format == "json":
             access_log.info(orjson.dumps(fields).decode())

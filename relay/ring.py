@@ -5,7 +5,8 @@ number, so every process and host builds the same ring). A key goes to the first
 its own hash; adding or removing one upstream moves only the keys of the arcs it gains or loses, about
 1/N of them. Bounded load (Mirrokni, Thorup, Zadimoghaddam, 2018): an upstream whose in-flight count is
 at its bound, ceil(load_factor x (in flight + 1) x its share of the weight), is passed over for the next
-one on the ring, so one hot key never overloads its upstream; the key comes back once it is under.
+one on the ring, so one hot key never overloads its upstream; the key comes back once it is under. The
+bound is never below FLOOR requests per unit of weight.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import math
 from collections.abc import Callable, Sequence
 
 POINTS = 160  # per unit of weight: keys spread within a few percent of the weights
+# Below this many requests in flight per unit of weight no upstream counts as overloaded: at low load the
+# bound's rounding would move conversations for nothing (and cost their cache hits).
+FLOOR = 4
 
 
 def key_hash(key: bytes) -> int:
@@ -33,6 +37,7 @@ class Ring:
         self._hashes = [point for point, _ in points]
         self._owners = [index for _, index in points]
         self._shares = [weight / sum(weights) for weight in weights]
+        self._floors = [FLOOR * weight for weight in weights]
         self._load_factor = load_factor
         self._count = len(names)
 
@@ -53,7 +58,8 @@ class Ring:
             if seen & (1 << index):
                 continue
             seen |= 1 << index
-            if usable(index) and in_flight[index] < math.ceil(self._load_factor * total * self._shares[index]):
+            bound = max(math.ceil(self._load_factor * total * self._shares[index]), self._floors[index])
+            if usable(index) and in_flight[index] < bound:
                 return index, first
             first = False
             if seen == (1 << self._count) - 1:

@@ -160,6 +160,8 @@ class Endpoint:
         while True:
             try:
                 connection = await seam.take_connection(self.upstream.connector, self._key, self.upstream.timeout)
+            except TimeoutError as exc:
+                raise Unanswered(seam.connect_timeout(self._key), False) from exc
             except aiohttp.ClientError as exc:
                 raise Unanswered(exc, False) from exc
             protocol = connection.protocol

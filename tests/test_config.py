@@ -153,6 +153,14 @@ CONFIG_ERRORS: list[tuple[str, Mapping[str, Any] | str | None, Mapping[str, Any]
     # Credentials in the URL would be printed wherever the URL is (the startup line, errors).
     ("credentials-in-url", valid_config(openai_base_url=f"http://user:{SECRET}@127.0.0.1:9/v1"), VALID_ENV,
      ["{config}", "openai_base_url", "openai_api_key"]),
+    # Several upstreams: each entry checked like one URL, and the list as a whole.
+    ("empty-upstream-list", valid_config(openai_base_url=[]), VALID_ENV, ["{config}", "openai_base_url", "at least one"]),
+    ("duplicate-upstream", valid_config(openai_base_url=["http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1/"]), VALID_ENV,
+     ["{config}", "openai_base_url", "twice"]),
+    ("space-in-an-upstream", valid_config(openai_base_url=["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1 x"]), VALID_ENV,
+     ["{config}", "openai_base_url[1]", "spaces"]),
+    ("upstream-entry-without-url", valid_config(openai_base_url=[{"weight": 2}]), VALID_ENV, ["{config}", "openai_base_url[0]", "url"]),
+    ("unknown-routing-key", valid_config(routing={"affinty": "auto"}), VALID_ENV, ["{config}", "routing", "affinty"]),
     # A missing space after the colon makes the whole line one unknown key, the secret included.
     ("secret-in-unknown-key", "openai_base_url: ${{policy_base_url}}\nopenai_model: m\nopenai_api_key:" + SECRET + ":\n",
      VALID_ENV, ["{config}", "unknown key", "openai_api_key"]),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -38,14 +39,17 @@ def pool_key(url: URL) -> aiohttp.ClientRequest:
     return aiohttp.ClientRequest("POST", url, loop=asyncio.get_running_loop())
 
 
-async def take_connection(
+def take_connection(
     connector: aiohttp.TCPConnector, key: aiohttp.ClientRequest, timeout: aiohttp.ClientTimeout
-) -> Connection:
-    """A pooled connection (the oldest idle one) or a new one, within timeout.connect."""
-    try:
-        return await connector.connect(key, [], timeout)
-    except TimeoutError as exc:  # what ClientSession turns it into too
-        raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {key.url}") from exc
+) -> Awaitable[Connection]:
+    """A pooled connection (the oldest idle one) or a new one, within timeout.connect: the connector's own
+    coroutine, awaited by the caller (no frame of ours on every request). A connect timeout raises
+    TimeoutError, which `connect_timeout(key)` turns into what ClientSession raises."""
+    return connector.connect(key, [], timeout)
+
+
+def connect_timeout(key: aiohttp.ClientRequest) -> aiohttp.ConnectionTimeoutError:
+    return aiohttp.ConnectionTimeoutError(f"Connection timeout to host {key.url}")
 
 
 def expect_answer(protocol: ResponseHandler) -> None:

@@ -14,8 +14,8 @@ import relay.testing
 from relay.testing.server import FakeUpstream, _loopback, _new_loop
 
 
-async def _serve(host: str, port: int, record: bool) -> None:
-    upstream = FakeUpstream(record)
+async def _serve(host: str, port: int, record: bool, name: str) -> None:
+    upstream = FakeUpstream(record, name)
     bound = await upstream.start(host, port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -38,9 +38,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=False,
         help="keep every request in memory (off by default so memory stays flat under load)",
     )
+    parser.add_argument("--name", default="", help="put into each x-request-id (req_NAME_N): which upstream answered")
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve(args.host, args.port, args.record))
+        runner.run(_serve(args.host, args.port, args.record, args.name))
 
 
 if __name__ == "__main__":

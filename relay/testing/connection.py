@@ -83,7 +83,7 @@ class _Connection(asyncio.Protocol):
             self.abort()
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             if self._current is None:
-                wire = _compose(_error(400, "Malformed HTTP request"), _NO_DIRECTIVES, 0, keep_alive=False)
+                wire = _compose(_error(400, "Malformed HTTP request"), _NO_DIRECTIVES, b"0", keep_alive=False)
                 self.transport.write(wire.chunks[0])
             self.close()
 
@@ -191,7 +191,7 @@ class _Connection(asyncio.Protocol):
                 # Half a response cannot be repaired; cutting it off is the honest signal.
                 self._end(exchange, "abort")
                 return
-            wire = _compose(_error(500, "Fake upstream handler failed"), _NO_DIRECTIVES, 0, exchange.keep_alive)
+            wire = _compose(_error(500, "Fake upstream handler failed"), _NO_DIRECTIVES, b"0", exchange.keep_alive)
             await self.send(wire.chunks[0])
             self._end(exchange, wire.ending)
             return

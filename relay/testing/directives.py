@@ -156,12 +156,12 @@ class _Wire:
     close_when_reused: bool = False
 
 
-def _compose(canned: _Canned, directives: _Directives, request_id: int, keep_alive: bool) -> _Wire:
+def _compose(canned: _Canned, directives: _Directives, request_id: bytes, keep_alive: bool) -> _Wire:
     close = not keep_alive or directives.fault == "close-after-response"
     head = b"".join(
         (
             canned.head,
-            b"openai-processing-ms: %d\r\nx-request-id: req_%d\r\n" % (directives.delay * 1000, request_id),
+            b"openai-processing-ms: %d\r\nx-request-id: req_%b\r\n" % (directives.delay * 1000, request_id),
             directives.extra,
             b"connection: close\r\n" if close else b"",
             b"\r\n",
@@ -187,7 +187,7 @@ def _compose(canned: _Canned, directives: _Directives, request_id: int, keep_ali
     return _Wire([head, *canned.parts], ending, directives.delay, directives.gap, *idle)
 
 
-def _plan(request: Recorded, request_id: int, keep_alive: bool) -> _Wire:
+def _plan(request: Recorded, request_id: bytes, keep_alive: bool) -> _Wire:
     try:
         directives = _directives(request.headers)
     except _BadDirective as exc:

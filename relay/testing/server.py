@@ -17,8 +17,11 @@ from relay.testing.recorded import Handler, Recorded
 class FakeUpstream:
     """The server. State is mutated only on its loop; other threads may read it."""
 
-    def __init__(self, record: bool = True) -> None:
+    def __init__(self, record: bool = True, name: str = "") -> None:
+        """`name` goes into each answer's x-request-id (req_<name>_<n>), so a client can tell which of
+        several fake upstreams answered."""
         self.record = record
+        self._id_prefix = f"{name}_".encode() if name else b""
         self.requests: list[Recorded] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -67,8 +70,8 @@ class FakeUpstream:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def _next_request_id(self) -> int:
-        return next(self._request_ids)
+    def _next_request_id(self) -> bytes:
+        return self._id_prefix + b"%d" % next(self._request_ids)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -98,9 +101,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class UpstreamThread:
     """A FakeUpstream on its own event loop in a daemon thread, for synchronous test code."""
 
-    def __init__(self, record: bool = True) -> None:
+    def __init__(self, record: bool = True, port: int = 0) -> None:
+        """`port`: 0 for a free one, or a given one (a test brings an upstream back where it was)."""
         self.upstream = FakeUpstream(record)
-        self.port = 0
+        self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -115,7 +119,7 @@ class UpstreamThread:
         def run() -> None:
             loop = self._loop = _new_loop()
             try:
-                self.port = loop.run_until_complete(self.upstream.start())
+                self.port = loop.run_until_complete(self.upstream.start(port=self.port))
             except BaseException as exc:  # handed to the starting thread, which re-raises it
                 failures.append(exc)
                 loop.close()

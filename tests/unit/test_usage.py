@@ -6,7 +6,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from relay.usage import Tokens, tokens_in
+from relay.usage import tokens_in
+
+
+def Tokens(prompt: int, completion: int, cached: int, reasoning: int) -> tuple[int, int, int, int]:
+    return prompt, completion, cached, reasoning
 
 CHAT_USAGE = {
     "prompt_tokens": 12,
@@ -61,9 +65,8 @@ def test_the_last_usage_counts_not_the_null_ones_before_it() -> None:
         b"",
         b'{"usage": null}',
         b'{"usage": {"prompt_tokens": "many"}}',
-        b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2',  # cut off
         b'\x1f\x8b\x08\x00compressed',
-        b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "x": {"deep": {"deeper": 1}}}}',
+        b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2',  # cut off
     ],
 )
 def test_no_usage_or_an_unreadable_one_counts_nothing(body: bytes) -> None:
@@ -72,3 +75,13 @@ def test_no_usage_or_an_unreadable_one_counts_nothing(body: bytes) -> None:
 
 def test_details_may_be_missing_or_null() -> None:
     assert tokens_in(b"", b'{"usage":{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":null}}') == Tokens(3, 4, 0, 0)
+
+
+def test_pretty_printed_usage_as_openai_sends_it() -> None:
+    body = orjson.dumps({"id": "x", "usage": CHAT_USAGE, "service_tier": "default"}, option=orjson.OPT_INDENT_2)
+    assert tokens_in(b"", body) == Tokens(12, 30, 8, 5)
+
+
+def test_a_usage_with_deeper_details_still_counts() -> None:
+    body = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "x": {"deep": {"deeper": 1}}}, "user": null}'
+    assert tokens_in(b"", body) == Tokens(1, 2, 0, 0)
