@@ -36,7 +36,7 @@ FLUSH_SECONDS = 0.5  # at 8,000 requests/s a flush holds the loop about 5 ms
 
 # From sub-millisecond slot waits to reasoning models that think for many minutes.
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-RETRY_REASONS = ("stale_connection", *KINDS[:-1], "429", "500", "502", "503", "504")
+RETRY_REASONS = ("stale_connection", "failover", *KINDS[:-1], "429", "500", "502", "503", "504")
 REFUSAL_REASONS = ("invalid_host", "invalid_origin", "invalid_api_key")
 TOKEN_KINDS = ("prompt", "completion", "cached_prompt", "reasoning")  # the fields of relay.usage.Tokens
 
