@@ -7,6 +7,7 @@ completion end to end and stop cleanly by PID.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -299,33 +300,25 @@ def assert_relayed(reply: Any, upstream: UpstreamThread, model: str = MODEL) -> 
     assert recorded[0].json()["model"] == model
 
 
+@pytest.mark.parametrize("protocol", [None, "relay.protocol:GuardedHttpToolsProtocol"], ids=["uvicorn-protocol", "relay-protocol"])
 def test_plain_uvicorn_reads_config_from_environment(
-    tmp_path: Path, upstream: UpstreamThread, spawned: list[RelayServer]
+    tmp_path: Path, upstream: UpstreamThread, spawned: list[RelayServer], protocol: str | None
 ) -> None:
     config_path, env_path = write_config(tmp_path, upstream.base_url)
     port = free_port()
     env = clean_environment(RELAY_CONFIG=str(config_path), RELAY_ENV_FILE=str(env_path))
-    command = [sys.executable, "-m", "uvicorn", "relay.app:app", "--host", "127.0.0.1", "--port", str(port)]
-    server = spawn(spawned, command + ["--no-access-log"], ROOT, env, tmp_path / "uvicorn.log", port)
+    command = [sys.executable, "-m", "uvicorn", "relay.app:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    server = spawn(spawned, command + (["--http", protocol] if protocol else []), ROOT, env, tmp_path / "uvicorn.log", port)
     assert_relayed(chat_through(server), upstream)
     assert API_KEY not in server.log()
-    # The relay's own lines carry a level, as under relay serve, and it says the head limits are off.
+    # The relay's own lines carry a level, as under relay serve; without its protocol it says the head
+    # limits are off, and how to have them.
     server.wait_for_log(r"^INFO: +relay: POST /v1/chat/completions and /v1/responses -> ")
-    server.wait_for_log(r"^WARNING: +relay: request_head_timeout and max_header_bytes are not enforced: .*--http relay\.protocol:GuardedHttpToolsProtocol")
-
-
-def test_plain_uvicorn_with_the_relays_protocol_does_not_warn(
-    tmp_path: Path, upstream: UpstreamThread, spawned: list[RelayServer]
-) -> None:
-    config_path, env_path = write_config(tmp_path, upstream.base_url)
-    port = free_port()
-    env = clean_environment(RELAY_CONFIG=str(config_path), RELAY_ENV_FILE=str(env_path))
-    command = [sys.executable, "-m", "uvicorn", "relay.app:app", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--http", "relay.protocol:GuardedHttpToolsProtocol", "--no-access-log"]
-    server = spawn(spawned, command, ROOT, env, tmp_path / "uvicorn.log", port)
-    assert_relayed(chat_through(server), upstream)
-    server.wait_for_log(r"^INFO: +relay: POST ")
-    assert "not enforced" not in server.log()
+    warning = r"^WARNING: +relay: request_head_timeout and max_header_bytes are not enforced: .*--http relay\.protocol:GuardedHttpToolsProtocol"
+    if protocol is None:
+        server.wait_for_log(warning)
+    else:
+        assert not re.search(warning, server.log(), re.MULTILINE)
 
 
 def test_serve_with_two_workers(tmp_path: Path, upstream: UpstreamThread, spawned: list[RelayServer]) -> None:
