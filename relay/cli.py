@@ -110,9 +110,11 @@ def run(settings: Settings, host: str, port: int, workers: int, log_level: str) 
     """uvicorn with the relay's flags, serving `relay.app:app` (each worker builds it from the environment)."""
     os.environ[HEAD_TIMEOUT_ENV] = str(settings.request_head_timeout)
     os.environ[MAX_HEAD_BYTES_ENV] = str(settings.max_header_bytes)
-    # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is done; this handler turns
-    # that into a clean exit 0 instead of death by signal (which supervisors report as a failure).
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    # uvicorn re-raises the SIGTERM or SIGINT it handled once the graceful shutdown is done; this handler
+    # turns that into a clean exit 0 instead of death by signal (which supervisors report as a failure)
+    # or a KeyboardInterrupt traceback (ng_run stops its servers with SIGINT).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     with _metrics_directory(workers):
         uvicorn.run(
             "relay.app:app",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -138,6 +139,8 @@ def test_started_as_ng_run_starts_it(gym_root: Path, upstream: UpstreamThread, s
     record = check_record(json.loads((captures / "0-0.capture.jsonl").read_text().splitlines()[0]))
     assert record["model_ref"] == {"type": "responses_api_models", "name": "policy_model"}
     server.wait_for_log(r"Started server process", count=2)  # num_workers: 2
+    server.process.send_signal(signal.SIGINT)  # how ng_run stops its servers
+    assert server.process.wait(timeout=20) == 0 and "Traceback" not in server.log(), server.log()[-2000:]
 
 
 def test_a_config_error_under_ng_run_is_one_line(gym_root: Path) -> None:
