@@ -66,7 +66,7 @@ $(GYM_STAMP): pyproject.toml
 	touch $@
 
 test-nemo-gym: $(GYM_STAMP)
-	$(GYM_VENV)/bin/python tests/nemo_gym_e2e.py $(GYM_ARGS)
+	$(GYM_VENV)/bin/python -m tests.nemo_gym_e2e $(GYM_ARGS)
 
 # About three minutes, no network, no credentials: what the relay costs over talking to the upstream
 # directly. Longer: make bench DURATION=5 REPEATS=7. Figures and a plot land in bench/results/.

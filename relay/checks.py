@@ -4,7 +4,6 @@ relay.blocks for nested mappings). Every problem is one ConfigError line that na
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from relay import blocks, values

@@ -17,7 +17,7 @@ from relay.config import FROM_GYM_ENV
 def main() -> None:
     os.environ[FROM_GYM_ENV] = "1"  # so every worker reads Gym's config too
     settings = settings_or_exit()
-    run(settings, settings.host, settings.port, settings.num_workers or 1, os.environ.get("RELAY_LOG_LEVEL", "info"))
+    run(settings, settings.host, settings.port, settings.num_workers or 1, "info")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from tests.e2e_processes import TAG_ENV, Failed, check_loopback_only, free_port, stop_group, stop_tagged, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TAG_ENV = "RELAY_E2E_TAG"
 MODEL = "e2e-policy-model"
 COPIED = ("resources_servers/mcqa", "responses_api_agents/simple_agent", "environment_servers/legacy_agent")
 MODEL_CONFIGS = {
@@ -41,11 +41,6 @@ MODEL_CONFIGS = {
     "openai_model": "responses_api_models/openai_model/configs/openai_model.yaml",
 }
 EXAMPLE = "resources_servers/mcqa/data/example.jsonl"
-_USERS = re.compile(r"pid=(\d+)")
-
-
-class Failed(Exception):
-    pass
 
 
 @dataclass
@@ -55,6 +50,7 @@ class Outcome:
     startup_s: float
     collect_s: float
     sockets_checked: int
+    call_ms: list[float]  # each model call's latency inside the model server, from its capture record
 
 
 def main() -> None:
@@ -190,9 +186,9 @@ def run_once(scratch: Path, impl: str, repeats: int, tag: str) -> Outcome:
         if result.returncode != 0:
             raise Failed(f"[{impl}] ng_collect_rollouts exited with {result.returncode}: {tail(scratch / f'collect-{impl}.log')}")
         checked += check_loopback_only(tag)
-        rows = check_rollouts(output, captures, expected=5 * repeats, impl=impl)
-        print(f"[{impl}] {rows} rollouts in {collect_s:.1f} s; every row answered by {MODEL}, every capture read by Gym", flush=True)
-        return Outcome(impl, rows, startup, collect_s, checked)
+        call_ms = check_rollouts(output, captures, expected=5 * repeats, impl=impl)
+        print(f"[{impl}] {len(call_ms)} rollouts in {collect_s:.1f} s; every row answered by {MODEL}, every capture read by Gym", flush=True)
+        return Outcome(impl, len(call_ms), startup, collect_s, checked, call_ms)
     finally:
         stop_group(ng_run, signal.SIGINT, 30)  # ng_run's own shutdown: SIGINT to its servers, Ray down
 
@@ -213,7 +209,8 @@ def wait_ready(ng_run: subprocess.Popen[bytes], head_port: int, log_path: Path, 
     raise Failed(f"ng_run not ready within {timeout:.0f} s: {tail(log_path)}")
 
 
-def check_rollouts(output: Path, captures: Path, expected: int, impl: str) -> int:
+def check_rollouts(output: Path, captures: Path, expected: int, impl: str) -> list[float]:
+    """The rows' checks; each rollout's model-call latency as its capture record says."""
     from nemo_gym.base_responses_api_model import CaptureStore, read_available_model_call_records
 
     rows = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
@@ -223,6 +220,7 @@ def check_rollouts(output: Path, captures: Path, expected: int, impl: str) -> in
     if len(rows) != expected:
         raise Failed(f"[{impl}] {len(rows)} rollouts, expected {expected}")
     store = CaptureStore(captures)
+    latencies = []
     for row in rows:
         response = row.get("response")
         if not isinstance(response, dict) or not response.get("output"):
@@ -239,95 +237,17 @@ def check_rollouts(output: Path, captures: Path, expected: int, impl: str) -> in
         merged = row.get("ng_model_call_capture") or {}
         if merged.get("gaps") or (merged.get("metrics") or {}).get("num_calls", 0) < 1:
             raise Failed(f"[{impl}] rollout {rollout_id}: the collector's merge of the capture: {merged.get('gaps')}")
-    return len(rows)
-
-
-# --- sockets and processes -------------------------------------------------------------------------------
-
-
-def tagged_pids(tag: str) -> set[int]:
-    """Every live process that inherited this run's tag, wherever it was reparented."""
-    found = set()
-    needle = f"{TAG_ENV}={tag}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def check_loopback_only(tag: str) -> int:
-    """Fails if a listening TCP or UDP socket of this run's processes is on a non-loopback address."""
-    ours = tagged_pids(tag)
-    listing = subprocess.run(["ss", "-Hltunp"], capture_output=True, text=True, timeout=30, check=True).stdout
-    checked = 0
-    for line in listing.splitlines():
-        fields = line.split()
-        pids = {int(pid) for pid in _USERS.findall(line)}
-        if len(fields) < 5 or not pids & ours:
-            continue
-        checked += 1
-        host = fields[4].rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
-        if not (host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")):
-            raise Failed(f"a socket of this run listens on {fields[4]}: {line}")
-    if checked == 0:
-        raise Failed("ss showed no listening socket of this run's processes: the check would prove nothing")
-    print(f"  {checked} listening sockets of {len(ours)} processes, all on loopback", flush=True)
-    return checked
-
-
-def stop_group(process: subprocess.Popen[bytes], first: int, grace: float) -> None:
-    """Stop a process started in its own session, and its group: `first`, then SIGKILL after `grace`."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, first)
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
-def stop_tagged(tag: str) -> list[int]:
-    """Kill, by PID, whatever this run started that is still alive (a Ray worker that outlived its
-    raylet, say); return their PIDs."""
-    deadline = time.monotonic() + 15
-    while (left := sorted(tagged_pids(tag))) and time.monotonic() < deadline:
-        time.sleep(0.5)  # processes on their way out after ng_run's shutdown
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+        latencies.append(call.latency_total_ms)
+    return latencies
 
 
 def report(outcomes: list[Outcome]) -> None:
     print("\nmcqa rollouts through ng_run + ng_collect_rollouts, fake upstream, capture on:")
-    print(f"{'model server':<14} {'rollouts':>8} {'ng_run ready':>13} {'collect wall':>13} {'rollouts/s':>11}")
+    print(f"{'model server':<14} {'rollouts':>8} {'ng_run ready':>13} {'collect wall':>13} {'rollouts/s':>11} {'model call p50 / p90':>21}")
     for o in outcomes:
-        print(f"{o.impl:<14} {o.rows:>8} {o.startup_s:>11.1f} s {o.collect_s:>11.1f} s {o.rows / o.collect_s:>11.1f}")
+        calls = sorted(o.call_ms)
+        p50, p90 = calls[len(calls) // 2], calls[min(len(calls) - 1, int(len(calls) * 0.9))]
+        print(f"{o.impl:<14} {o.rows:>8} {o.startup_s:>11.1f} s {o.collect_s:>11.1f} s {o.rows / o.collect_s:>11.1f} {p50:>10.2f} / {p90:.2f} ms")
     print("every listening socket of the run was on 127.0.0.1; nothing was left running")
 
 
