@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -157,8 +158,8 @@ def test_the_prefix_is_stripped_and_never_forwarded(gym_relay: RelayServer, upst
     (seen,) = requests_seen(upstream, 1)
     assert seen.path == forwarded
     rollout_id = target.split("/")[2]
-    found = gym_relay.wait_for_log(r'^\{"method".*\}$', count=1)
-    assert any(json.loads(match.group(0)).get("rollout_id") == rollout_id for match in found)
+    (line,) = gym_relay.wait_for_log(rf'^\{{"method".*"rollout_id":"{re.escape(rollout_id)}".*\}}$')
+    assert json.loads(line.group(0))["path"] == forwarded.split("?")[0]
 
 
 @pytest.mark.parametrize("target", ["/ng-rollout/0-0/", "/ng-rollout/0-0/health", "/ng-rollout/0-0/training-token-capture/readyz"])
