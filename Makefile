@@ -10,7 +10,7 @@ DURATION ?=
 REPEATS ?=
 BENCH_ARGS ?=
 
-.PHONY: install run test unit test-latest bench bench-quick soak clean
+.PHONY: install run test unit test-latest test-nemo-gym bench bench-quick soak clean
 
 install: $(STAMP)
 
@@ -49,6 +49,25 @@ test-latest:
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(starlette|uvicorn|aiohttp|prometheus.client) '
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; rm -rf $(LATEST); exit $$status
 
+# A real NeMo Gym run (minutes; the first run installs nemo-gym 0.7.0 and Ray, about 1.4 GB, into its own
+# venv): `relay nemo-gym install` into a scratch Gym root, ng_run with the mcqa resources server, the simple
+# agent and relay_model in front of the fake upstream, ng_collect_rollouts, checks of the rollouts and of
+# the capture files with Gym's own reader; then the same with Gym's openai_model, both timed. Gym wants
+# Python >= 3.13.14; this machine's newest is 3.13.0, hence --ignore-requires-python.
+GYM_PYTHON ?= /root/.pyenv/versions/3.13.0/bin/python3.13
+GYM_VENV := .venv-nemo-gym
+GYM_STAMP := $(GYM_VENV)/.installed
+GYM_ARGS ?=
+
+$(GYM_STAMP): pyproject.toml
+	$(GYM_PYTHON) -m venv $(GYM_VENV)
+	$(GYM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GYM_VENV)/bin/python -m pip install --quiet --ignore-requires-python nemo-gym==0.7.0 -e .
+	touch $@
+
+test-nemo-gym: $(GYM_STAMP)
+	$(GYM_VENV)/bin/python -m tests.nemo_gym_e2e $(GYM_ARGS)
+
 # About three minutes, no network, no credentials: what the relay costs over talking to the upstream
 # directly. Longer: make bench DURATION=5 REPEATS=7. Figures and a plot land in bench/results/.
 bench: $(STAMP)
@@ -62,4 +81,4 @@ soak: $(STAMP)
 	SOAK_SECONDS=120 $(PY) -m pytest -s tests/test_soak.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(GYM_VENV) build *.egg-info .pytest_cache

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 from relay.attempts import Attempts
 from relay.auth import RequireKey
 from relay.body import Rules
+from relay.capture import CaptureStore
 from relay.config import BIND_HOST_ENV, ConfigError, load_settings
 from relay.failures import Failures
 from relay.host_names import HostNames
@@ -41,7 +42,8 @@ from relay.proxy import Proxy
 from relay.relaying import ResponseRelay
 from relay.retry import Retrier
 from relay.probe import keep_probing
-from relay.routes import AllowMethods, ExactPath, ModelInfo, Readiness, StaticJSON, UpstreamsView, not_found
+from relay.rollouts import RolloutPrefix
+from relay.routes import AllowMethods, ExactPath, ModelInfo, Readiness, StaticJSON, UpstreamsView
 from relay.seams import SeamError, check
 from relay.settings import Settings, endpoint_defaults
 from relay.slots import Slots
@@ -88,15 +90,22 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
         f"{settings.openai_model} (in-flight cap: {settings.max_concurrent_requests or 'unlimited'}"
         f"{', client keys required' if settings.relay_api_keys else ''})"
     )
+    capture = None
+    if settings.capture_dir is not None:
+        capture = CaptureStore(settings.capture_dir, settings.name, settings.model_call_capture_max_bytes)
+        summary += f"; model calls under /ng-rollout/<id>/ captured to {settings.capture_dir}"
     opens = [u.open for u in upstreams]
-    closes = [*(u.close for u in upstreams), helper.close]
-    return Router(
+    closes = [*(u.close for u in upstreams), helper.close, *((capture.close,) if capture else ())]
+    prefixed = RolloutPrefix(capture)
+    router = Router(
         routes,
         redirect_slashes=False,
-        default=not_found,
+        default=prefixed,
         lifespan=lifespan(opens, closes, tasks, flush_metrics, summary),
         middleware=_middleware(settings, allowed),
     )
+    prefixed.dispatch = router.app  # past the middleware, which has seen the request already
+    return router
 
 
 class _Shared(NamedTuple):
@@ -118,6 +127,7 @@ def _proxy(path: str, shared: _Shared) -> Proxy:
     rules = Rules(
         settings.openai_model,
         endpoint_defaults(settings.extra_body, path),
+        drop_reasoning_items=settings.drop_input_reasoning_items and path == "/responses",  # as openai_model
         stream_usage=settings.include_stream_usage and path == "/chat/completions",
         cache_key=affinity,
     )

@@ -4,15 +4,15 @@ key of a block checked like a top-level one, an unknown key refused with the kno
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from relay import values
-from relay.settings import RetryPolicy, Routing, UpstreamSpec
+from relay.settings import GYM_RETRY_STATUSES, RetryPolicy, Routing, UpstreamSpec
 
 
-def block(value: Any, cls: type, checks: Mapping[str, Callable[[Any], Any]], example: str) -> Any:
-    """`cls(**checked)` from a mapping whose keys are `cls`'s fields."""
+def block(value: Any, cls: type, checks: Mapping[str, Callable[[Any], Any]], example: str, base: Any = None) -> Any:
+    """`cls(**checked)` from a mapping whose keys are `cls`'s fields; with `base`, those keys replaced in it."""
     if not isinstance(value, dict):
         raise ValueError(f"must be a mapping such as {example}")
     known = {f.name for f in fields(cls)}
@@ -25,10 +25,16 @@ def block(value: Any, cls: type, checks: Mapping[str, Callable[[Any], Any]], exa
             checked[key] = checks[key](item)
         except ValueError as exc:
             raise ValueError(f".{key} {exc}") from None
-    return cls(**checked)
+    return cls(**checked) if base is None else replace(base, **checked)
 
 
-def retry(value: Any) -> RetryPolicy:
+def attempts_policy(attempts: int) -> RetryPolicy:
+    """openai_model's `max_http_attempts` (attempts in all, so 1 is none) as the relay's retry policy: the
+    relay's backoff, Retry-After and budget, the statuses of GYM_RETRY_STATUSES."""
+    return RetryPolicy(max_attempts=attempts, statuses=GYM_RETRY_STATUSES)
+
+
+def retry(value: Any, base: RetryPolicy | None = None) -> RetryPolicy:
     checks = {
         "max_attempts": values.positive_int,
         "statuses": values.statuses,
@@ -38,7 +44,7 @@ def retry(value: Any) -> RetryPolicy:
         "budget_ratio": values.ratio,
         "budget_burst": values.positive_int,
     }
-    return block(value, RetryPolicy, checks, "{max_attempts: 3}")
+    return block(value, RetryPolicy, checks, "{max_attempts: 3}", base)
 
 
 def routing(value: Any) -> Routing:

@@ -36,6 +36,7 @@ class RequestRecord:
     upstream: str | None = None  # host:port of the upstream that answered (or was tried last)
     affinity: bytes | None = None  # the conversation's key, if the request named one (never logged)
     set_cookie: bytes | None = None  # a session cookie the relay hands to the client with its answer
+    rollout_id: str | None = None  # NeMo Gym's rollout (the /ng-rollout/<id>/ prefix), for the access log
 
 
 class Observer:
@@ -78,6 +79,7 @@ class Observer:
         fields = {
             "method": "POST",
             "path": record.path,
+            "rollout_id": record.rollout_id,
             "model": self.model if record.attempts else None,
             "upstream": record.upstream,
             "status": record.status,

@@ -18,7 +18,9 @@ import time
 
 from starlette.types import Receive, Scope, Send
 
+from relay.affinity import ROLLOUT_KEY
 from relay.attempts import Attempts
+from relay.capture import CALL_KEY
 from relay.client_connection import CLIENT_KEY, ClientConnection
 from relay.deadlines import CLIENT, TOO_LONG, UPSTREAM_SILENT, Watchdog, shortest, watch_disconnect
 from relay.failures import Failure, Failures
@@ -54,12 +56,16 @@ class Proxy:
         self.total_timeout = settings.total_timeout
         self.check_every = shortest(*self.deadlines, self.total_timeout)
         self.timed_out = {UPSTREAM_SILENT: failures.read_timeout, TOO_LONG: failures.total_timeout}
+        # Only the access log and capture care which rollout a request belongs to (relay.rollouts).
+        self.rollouts = settings.access_log != "off" or settings.capture_dir is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
             await send_not_allowed(scope, send, _ALLOW)
             return
         record = RequestRecord(self.path, time.perf_counter())
+        if self.rollouts:  # one attribute check when the access log and capture are both off
+            _note_rollout(scope, record)
         try:
             body = await self.intake.read(scope, receive, send, record)
             if body is not None:
@@ -121,3 +127,12 @@ class Proxy:
     async def _reply_failure(self, send: Send, failure: Failure, record: RequestRecord) -> None:
         record.status = failure.status
         await send_error(send, failure.status, failure.message, type="upstream_error", code=failure.code)
+
+
+def _note_rollout(scope: Scope, record: RequestRecord) -> None:
+    """The rollout id for the access log; the record for the capture of this call, which reads how it
+    ended (relay.capture)."""
+    record.rollout_id = scope.get(ROLLOUT_KEY)
+    call = scope.get(CALL_KEY)
+    if call is not None:
+        call.record = record

@@ -31,6 +31,13 @@ class RetryPolicy:
         return self.max_attempts > 1
 
 
+# What `max_http_attempts` (openai_model's key: attempts in all) retries. Gym retries 404, 408, 429, 500,
+# 502, 503, 504 and 520; the relay leaves out 404 (a wrong URL or model name does not heal, and each retry
+# only delays the error the client must see) and 500 (a model server's 500 is mostly this request failing
+# the same way each time, and a retry runs a whole generation again).
+GYM_RETRY_STATUSES = frozenset({408, 429, 502, 503, 504, 520})
+
+
 @dataclass(frozen=True)
 class UpstreamSpec:
     """One entry of `openai_base_url`."""
@@ -93,6 +100,21 @@ class Settings:
     include_stream_usage: bool = False  # chat streams ask for the usage chunk unless the client said
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     routing: Routing = field(default_factory=Routing)
+    # NeMo Gym's keys (relay.gym_layout): the model server's name (in Gym, its top-level key), named in
+    # capture records; its processes (`relay serve --workers` wins); openai_model's rewrite of Responses
+    # input; Gym's per-rollout capture of each model call (relay.capture), and the relay's cap on what
+    # one call's capture holds in memory.
+    name: str | None = None
+    num_workers: int | None = None
+    drop_input_reasoning_items: bool = False
+    observability_enabled: bool = False
+    model_call_capture_dir: str | None = None
+    model_call_capture_max_bytes: int = 8 * 1024 * 1024
+
+    @property
+    def capture_dir(self) -> str | None:
+        """Where capture records go, or None when capture is off."""
+        return self.model_call_capture_dir if self.observability_enabled else None
 
     @property
     def upstreams(self) -> tuple[UpstreamSpec, ...]:
@@ -100,7 +122,6 @@ class Settings:
         if isinstance(self.openai_base_url, str):
             return (UpstreamSpec(self.openai_base_url),)
         return self.openai_base_url
-
 
 
 def endpoint_defaults(extra_body: Mapping[str, Any], path: str) -> dict[str, Any]:

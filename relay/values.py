@@ -4,6 +4,7 @@ quotes the value, which may be the API key."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -16,9 +17,24 @@ _LINE_BREAK = re.compile(r"[\r\n\x00]")
 _UNPRINTABLE_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field names
 _RELAY_OWNED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+# Values from the environment (${oc.env:...}, or a ${name} found there) arrive as text, as they do in Gym,
+# whose pydantic reads "3" as 3 and "False" as false: numbers and truth values written as text count.
+_NUMBER = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+_TRUTH = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def _number(value: Any) -> Any:
+    """A number written as text as that number; anything else unchanged (for the check to refuse)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        try:
+            return int(value)
+        except ValueError:
+            return float(value)
+    return value
 
 
 def port(value: Any) -> int:
+    value = _number(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise ValueError("must be a port number from 0 to 65535 (0 picks a free port)")
     return value
@@ -45,12 +61,14 @@ def base_url(value: Any) -> str:
 
 
 def positive_int(value: Any) -> int:
+    value = _number(value)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError("must be a positive integer")
     return value
 
 
 def seconds(value: Any) -> float:
+    value = _number(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
         raise ValueError("must be a number of seconds")
     return float(value)
@@ -59,6 +77,7 @@ def seconds(value: Any) -> float:
 def timeout(value: Any) -> float | None:
     if value is None:
         return None
+    value = _number(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError("must be a positive number of seconds, or null for no limit")
     return float(value)
@@ -74,6 +93,8 @@ def cap(value: Any) -> int | None:
 
 
 def flag(value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _TRUTH:
+        return _TRUTH[value.strip().lower()]
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
     return value
@@ -140,6 +161,7 @@ def statuses(value: Any) -> frozenset[int]:
 
 
 def ratio(value: Any) -> float:
+    value = _number(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
         raise ValueError("must be a number from 0 to 1")
     return float(value)
@@ -164,6 +186,7 @@ def choice(*allowed: str) -> Callable[[Any], str]:
 
 def at_least(least: float) -> Callable[[Any], float]:
     def check(value: Any) -> float:
+        value = _number(value)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least:
             raise ValueError(f"must be a number of at least {least}")
         return float(value)
@@ -180,4 +203,18 @@ def url_path(value: Any) -> str:
 def cookie_name(value: Any) -> str:
     if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise ValueError("must be a cookie name (token characters)")
+    return value
+
+
+def capture_dir(value: Any) -> str:
+    """Gym's rule: an absolute directory (every server and the collector must name the same one); made
+    here, as Gym's servers make it, so a path that cannot be written stops start-up instead of every call."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("is required when observability_enabled is true")
+    if not os.path.isabs(value):
+        raise ValueError("must be an absolute path")
+    try:
+        os.makedirs(value, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot be created: {exc.strerror}") from None
     return value

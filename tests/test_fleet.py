@@ -196,8 +196,7 @@ def test_every_worker_sends_a_conversation_to_the_same_upstream(three: list[Upst
             for request in thread.upstream.requests:
                 homes[request.json()["metadata"]["c"]].add(index)
         assert all(len(where) == 1 for where in homes.values()), homes
-        pids = {int(line) for line in relay.log().split("Started server process [")[1:] for line in [line.split("]")[0]]}
-        assert len(pids) == 2
+        assert len({m.group(1) for m in relay.wait_for_log(r"Started server process \[(\d+)\]", count=2)}) == 2
     finally:
         relay.stop()
 

@@ -12,10 +12,12 @@ RELAY = Path(__file__).resolve().parents[2] / "relay"
 # Lower layers never import higher ones: config < app < core < upstream side < helpers, read right to left.
 LAYERS = {
     "__main__": 6,
+    "nemo_gym": 6,
     "cli": 5,
     "local": 5,
     "app": 4,
     "routes": 4,
+    "rollouts": 4,
     "lifespan": 4,
     "hosts": 3,
     "auth": 3,
