@@ -8,7 +8,7 @@ from dataclasses import fields
 from typing import Any
 
 from relay import values
-from relay.settings import RetryPolicy, Routing, UpstreamSpec
+from relay.settings import Cluster, RetryPolicy, Routing, UpstreamSpec
 
 
 def block(value: Any, cls: type, checks: Mapping[str, Callable[[Any], Any]], example: str) -> Any:
@@ -56,6 +56,33 @@ def routing(value: Any) -> Routing:
         "session_cookie": values.cookie_name,
     }
     return block(value, Routing, checks, "{affinity: auto, balance: least_in_flight}")
+
+
+def cluster(value: Any) -> Cluster:
+    checks = {
+        "redis_url": values.redis_url,
+        "name": values.key_prefix,
+        "max_concurrent_requests": values.cap,
+        "requests_per_minute": values.cap,
+        "tokens_per_minute": values.cap,
+        "on_redis_error": values.choice("local", "fail"),
+        "lease_seconds": values.at_least(1.0),
+        "max_wait_seconds": values.seconds,
+        "burst_seconds": values.seconds,
+        "default_max_tokens": values.positive_int,
+        "redis_timeout": values.timeout,
+        "fallback_processes": values.cap,
+    }
+    example = "{redis_url: redis://127.0.0.1:6379/0, name: my-job, max_concurrent_requests: 512}"
+    if isinstance(value, dict):
+        missing = [key for key in ("redis_url", "name") if value.get(key) is None]
+        if missing:
+            raise ValueError(f"needs {missing[0]} (such as {example})")
+        if all(value.get(key) is None for key in ("max_concurrent_requests", "requests_per_minute", "tokens_per_minute")):
+            raise ValueError("sets no limit: give max_concurrent_requests, requests_per_minute or tokens_per_minute")
+        if value.get("redis_timeout", 1) is None:
+            raise ValueError(".redis_timeout must be a positive number of seconds: a Redis call must never wait forever")
+    return block(value, Cluster, checks, example)
 
 
 def upstreams(value: Any) -> str | tuple[UpstreamSpec, ...]:

@@ -61,6 +61,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "include_stream_usage": values.flag,
     "retry": blocks.retry,
     "routing": blocks.routing,
+    "cluster": blocks.cluster,
 }
 # Keys whose null means "no limit" rather than "the default".
 _NULLABLE = frozenset(

@@ -16,6 +16,7 @@ from relay.metrics import EndpointMetrics, Metrics
 from relay.usage import Tokens, tokens_in
 
 access_log = logging.getLogger("relay.access")
+_UNREAD = object()
 
 
 @dataclass(slots=True)
@@ -36,6 +37,15 @@ class RequestRecord:
     upstream: str | None = None  # host:port of the upstream that answered (or was tried last)
     affinity: bytes | None = None  # the conversation's key, if the request named one (never logged)
     set_cookie: bytes | None = None  # a session cookie the relay hands to the client with its answer
+    admission: object | None = None  # the cluster slot and budget the request holds (relay.cluster)
+    _tokens: object = _UNREAD
+
+    def tokens(self) -> Tokens | None:
+        """The usage of a successful answer, read once: the metrics, the access log and the cluster's
+        token budget all want it."""
+        if self._tokens is _UNREAD:
+            self._tokens = tokens_in(*self.last_chunks) if 200 <= self.status < 300 else None
+        return self._tokens  # type: ignore[return-value]
 
 
 class Observer:
@@ -53,7 +63,7 @@ class Observer:
         if self.requests is None and self.log_format == "off":
             return
         duration = time.perf_counter() - record.started
-        tokens = tokens_in(*record.last_chunks) if 200 <= record.status < 300 else None
+        tokens = record.tokens()
         if self.requests is not None:
             self.requests.record(
                 record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait, tokens

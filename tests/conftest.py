@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from relay.testing import UpstreamThread
+from tests.redis_server import RedisServer
 from tests.servers import RELAY_SERVE, RelayServer, start_relay
 
 
@@ -61,6 +62,14 @@ def relay_factory(
 def relay(relay_factory: Callable[..., RelayServer]) -> RelayServer:
     """The relay with the seed configuration (no extra_body, no cap) in front of the fake upstream."""
     return relay_factory()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; each test names its own cluster, so their keys never meet."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True, scope="session")
