@@ -74,15 +74,14 @@ def cluster(value: Any) -> Cluster:
         "fallback_processes": values.cap,
     }
     example = "{redis_url: redis://127.0.0.1:6379/0, name: my-job, max_concurrent_requests: 512}"
-    if isinstance(value, dict):
-        missing = [key for key in ("redis_url", "name") if value.get(key) is None]
-        if missing:
-            raise ValueError(f"needs {missing[0]} (such as {example})")
-        if all(value.get(key) is None for key in ("max_concurrent_requests", "requests_per_minute", "tokens_per_minute")):
-            raise ValueError("sets no limit: give max_concurrent_requests, requests_per_minute or tokens_per_minute")
-        if value.get("redis_timeout", 1) is None:
-            raise ValueError(".redis_timeout must be a positive number of seconds: a Redis call must never wait forever")
-    return block(value, Cluster, checks, example)
+    checked: Cluster = block(value, Cluster, checks, example)
+    if not checked.redis_url or not checked.name:
+        raise ValueError(f"needs {'name' if checked.redis_url else 'redis_url'} (such as {example})")
+    if not checked.rates and checked.max_concurrent_requests is None:
+        raise ValueError("sets no limit: give max_concurrent_requests, requests_per_minute or tokens_per_minute")
+    if checked.redis_timeout is None:
+        raise ValueError(".redis_timeout must be a positive number of seconds: no Redis call may wait forever")
+    return checked
 
 
 def upstreams(value: Any) -> str | tuple[UpstreamSpec, ...]:

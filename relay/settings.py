@@ -62,8 +62,8 @@ class Routing:
 class Cluster:
     """Limits shared through one Redis by every relay process that names the same `name` (relay.cluster)."""
 
-    redis_url: str = field(repr=False)  # may carry a password
-    name: str  # the key namespace: several jobs can share one Redis
+    redis_url: str = field(default="", repr=False)  # required; may carry a password
+    name: str = ""  # required: the key namespace, so several jobs can share one Redis
     max_concurrent_requests: int | None = None  # in flight across every process of the cluster
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None  # charged from each answer's usage
