@@ -60,6 +60,8 @@ class Pump:
         try:
             while True:
                 self._expire()
+                if not gate.link.ok:
+                    self.queued = False  # Redis cannot be told; the place in its queue expires on its own
                 if not self.waiters and not self.queued:
                     return
                 batch = list(itertools.islice(self.waiters, MAX_BATCH))
@@ -94,7 +96,6 @@ class Pump:
                 admitted = await gate.store.admit(gate.pid, pause_ms, len(self.waiters), calls)
             except gate.errors as exc:
                 gate.link.failed(exc)
-                self.queued = False  # the place in the queue expires on its own
                 return None
             gate.offset_ms = admitted.now - time.monotonic() * 1000
             gate.link.answered()
