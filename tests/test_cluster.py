@@ -1,7 +1,8 @@
 """Cluster-wide limits (`cluster:`): several real relay processes (one with --workers 2) share one real
 redis-server, in front of one fake upstream that records what reached it. The cap holds across all of
 them, a killed relay's slots come back within the lease, the request budget bounds every window, tokens
-are charged from each answer's usage, and the upstream's own "budget spent" pauses every relay."""
+are charged from each answer's usage, the upstream's own "budget spent" pauses every relay, and clients
+that leave (waiting or holding a slot) lose no slot."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from relay.testing import Recorded, Responder, UpstreamThread
-from tests.clients import CHAT, RESPONSES, assert_openai_error, post, scrape_when_idle
+from tests.clients import CHAT, RESPONSES, assert_openai_error, connect, post, post_bytes, scrape_until, scrape_when_idle
 from tests.cluster_helpers import CLIENT_TIMEOUT, Outcome, cluster_of, key, post_spread, redis_client, wait_until
 from tests.redis_server import RedisServer
 from tests.servers import MODEL, RelayServer
@@ -192,3 +193,29 @@ def test_the_upstreams_spent_budget_pauses_the_other_relays_too(
     wait_until(lambda: client.pttl(key(cluster, "pause")) < 0, 5, "the pause ends")
     assert post(other).status == 200
     assert len(upstream.upstream.requests) == 2
+
+
+def test_clients_that_leave_lose_no_slot(spawn_relay: Spawn, upstream: UpstreamThread, redis_server: RedisServer) -> None:
+    cluster = cluster_of(redis_server, max_concurrent_requests=2, max_wait_seconds=30)
+    relay = spawn_relay(cluster=cluster)
+    settle(upstream)
+    client = redis_client(redis_server)
+    leases, queue = key(cluster, "leases"), key(cluster, "queue")
+    slow = post_bytes(b'{"messages":[]}', CHAT, {"x-fake-delay-ms": "3000"})
+    holders = [connect(relay.port) for _ in range(2)]
+    for sock in holders:
+        sock.sendall(slow)
+    assert upstream.wait_for(lambda u: u.in_flight == 2, timeout=10)
+    waiters = [connect(relay.port) for _ in range(3)]
+    for sock in waiters:
+        sock.sendall(slow)
+    scrape_until(relay, lambda s: s.value("relay_cluster_waiting") == 3)
+    for sock in waiters:  # they leave while they wait for a slot...
+        sock.close()
+    holders[0].close()  # ...and one leaves while it holds one
+    wait_until(lambda: client.zcard(leases) == 1 and client.zcard(queue) == 0, 5, "only the remaining holder's slot is held")
+    assert scrape_until(relay, lambda s: s.value("relay_cluster_waiting") == 0).value("relay_cluster_slots_held") == 1
+    assert post(relay).status == 200  # the free slot is usable at once
+    holders[1].close()
+    wait_until(lambda: client.zcard(leases) == 0, 5, "every slot is back")
+    assert len(upstream.upstream.requests) == 3  # the ones that left while waiting never reached it

@@ -18,7 +18,7 @@ from relay.cluster.refusals import refusal
 if TYPE_CHECKING:
     from relay.cluster.gate import Gate
 
-MAX_BATCH = 256  # waiters per call to Redis
+MAX_BATCH = 256  # waiters per admit call, slot ids per release call: well within the Lua stack of the scripts
 
 
 @dataclass(slots=True)

@@ -24,7 +24,6 @@ from relay.cluster.budget import Admitted
 from relay.settings import Cluster
 
 ERRORS = (RedisError, OSError, TimeoutError)  # what a call to an unreachable, broken or slow Redis raises
-MAX_BATCH = 256  # waiters per admit call, slot ids per release call: well within Lua's stack
 _CONNECTIONS = 8  # admit, release, renewal, pause and the wake subscription each use one at a time
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
