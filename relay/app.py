@@ -96,7 +96,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     if cluster is not None:
         opens.append(cluster.keeper.open)
         closes.append(cluster.keeper.close)
-        tasks += [cluster.keeper.keep, cluster.keeper.listen]
+        tasks += cluster.keeper.tasks()
     return Router(
         routes,
         redirect_slashes=False,

@@ -29,7 +29,7 @@ __all__ = ["ClusterLimits", "Gate", "build"]
 
 class ClusterLimits(NamedTuple):
     gate: Gate  # for relay.attempts
-    keeper: Keeper  # its open, keep, listen and close go into the app's lifespan
+    keeper: Keeper  # its open, tasks and close go into the app's lifespan
     metrics: ClusterMetrics | None
 
     def flush(self) -> None:

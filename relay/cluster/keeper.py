@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from relay.cluster.gate import Gate
@@ -21,6 +22,10 @@ class Keeper:
     async def open(self) -> None:
         """The first renewal says whether Redis is there (and the link logs it if not)."""
         await self.renew()
+
+    def tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        """What runs for as long as the process serves; wakes only matter where there are slots."""
+        return [self.keep, self.listen] if self.gate.capped else [self.keep]
 
     async def keep(self) -> None:
         gate = self.gate
