@@ -28,7 +28,9 @@ run: $(STAMP)
 		exec $(VENV)/bin/relay serve --local --config $(CONFIG) --port $(PORT); \
 	fi
 
+# The cluster tests start a real redis-server (Debian's package), installed here when missing.
 test: $(STAMP)
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The pure-logic tests alone, in a few seconds (no processes, no sockets but loopback in-process ones).
@@ -44,7 +46,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet --upgrade starlette 'uvicorn[standard]' aiohttp prometheus-client \
-		multidict yarl httptools orjson pyyaml pytest trustme openai
+		multidict yarl httptools orjson pyyaml pytest trustme openai redis
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(starlette|uvicorn|aiohttp|prometheus.client) '
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; rm -rf $(LATEST); exit $$status

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import cluster
+
 
 def _num(value: float | None, digits: int = 0, sign: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -90,7 +92,7 @@ def tables(outcome: dict[str, Any]) -> str:
         rows,
     )]  # fmt: skip
     parts += ["", _fidelity(outcome), "", _lag(outcome), "", _peer(outcome), "", _identity(outcome), _many(outcome),
-              _floor(outcome), _upstream(outcome), _fleet(outcome)]  # fmt: skip
+              _floor(outcome), _upstream(outcome), _fleet(outcome), cluster.line(outcome.get("cluster"))]  # fmt: skip
     parts.append(
         "\nDirect runs are limited by the core the upstream and generator share: nothing else is in their path."
     )

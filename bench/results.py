@@ -9,6 +9,7 @@ import math
 from collections import Counter
 from typing import Any
 
+from bench import cluster
 from bench.stats import median, percentile, ratio
 from bench.streams import StreamTiming
 
@@ -84,6 +85,7 @@ def assemble(
     settings: dict[str, Any],
     machine: dict[str, Any],
     relay_log_warnings: list[str],
+    cluster_skipped: str | None = None,
 ) -> dict[str, Any]:
     throughput: dict[str, list[dict[str, Any]]] = {"nonstream": [], "stream": []}
     for key in sorted({k[:3] for k in runs if k[0] in throughput}, key=lambda k: (k[0], k[1], k[2])):
@@ -103,6 +105,7 @@ def assemble(
         "many_streams": extra.get("many_streams"),
         "nginx": _peer(runs, extra.get("nginx"), throughput),
         "fleet": _fleet(runs, extra.get("fleet"), throughput["nonstream"]),
+        "cluster": cluster.figures(runs, cluster_skipped),
         "relay_log_warnings": relay_log_warnings[:50],
     }
     outcome["warnings"] = warnings(outcome)
@@ -273,6 +276,9 @@ def warnings(outcome: dict[str, Any]) -> list[str]:
             f"{many['streams']:,} streams (client + upstream socket each) but the open-file limit is "
             f"{many['fd_limit']:,} and could not be raised (ulimit -n, or run as root): failures are the limit's"
         )
+    row = outcome.get("cluster") or {}
+    if "skipped" not in row and row and (row["cluster_cap"]["errors"] or row["process_cap"]["errors"]):
+        out.append(f"cluster row: errors {row['cluster_cap']['errors']:.0f} (cluster cap) / {row['process_cap']['errors']:.0f} (process cap)")
     if outcome["relay_log_warnings"]:
         logged = outcome["relay_log_warnings"]
         out.append(f"the relay logged {len(logged)} warning(s); first: {logged[0]}")

@@ -24,8 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import lag, machine, nginx, report, results, workload
-from bench import fleet
+from bench import cluster, fleet, lag, machine, nginx, report, results, workload
 from bench.fleet import FleetBench
 from bench.loadgen import LoadSpec, PythonGenerator
 from bench.measure import Generator, measure
@@ -122,6 +121,7 @@ class Bench:
         self.runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         self.extra: dict[str, Any] = {}
         self.fleet = FleetBench(procs, cores, work, self.upstream_port)
+        self.cluster = cluster.ClusterRow(procs, cores, work)
         self.progress = Progress(self._plan())
 
     # --- set-up ----------------------------------------------------------------------------
@@ -147,6 +147,8 @@ class Bench:
         )
         wait_listening(self.relay_port, self.relay)
         wait_listening(self.floor_port, self.floor)
+        self.cluster.start(_CONFIG, env_file)
+        self.progress = Progress(self._plan())
         self._start_nginx()
         self.fleet.start(py)
         self.generator = self._generator()
@@ -197,6 +199,7 @@ class Bench:
         peers = 2 if self.nginx_binary else 0
         runs = [self._window(kind, c, mode) for kind, _, c in self._cells() for mode in MODES]
         runs += [self.args.cpu_duration] * 3 + [self.args.duration] * peers  # the floor's two, the fleet's
+        runs += [self.args.cpu_duration] * (0 if self.cluster.skipped else len(cluster.MODES))
         per_repeat = [s + 0.1 for s in runs] + [stream_s] * (2 * len(self._fidelity_cells()))
         lag_s = [lag.IDLE_SECONDS + lag.MARGIN_SECONDS + 0.5] * 2 * self.args.repeats
         fleet_s = [2 * fleet.CONVERSATIONS * fleet.TURNS / 2000, fleet.DRILL_SECONDS]
@@ -223,6 +226,7 @@ class Bench:
                     self._throughput(kind, endpoint, concurrency, mode, repeat)
             self._floor(repeat)
             self._fleet_throughput(repeat)
+            self._cluster_row(repeat)
             if self.nginx is not None:
                 for kind in ("nonstream", "stream"):
                     self._peer(kind, repeat)
@@ -325,6 +329,19 @@ class Bench:
         self.progress.end(f"{drill['client_errors']} client errors of {drill['requests']:,}; ejected after {drill['ejected_after_ms']} ms")
         self.extra["fleet"] = {"affinity": affinity, "drill": drill}
 
+    def _cluster_row(self, repeat: int) -> None:
+        """The per-process cap and the cluster-wide cap, same cap, same load (bench/cluster.py)."""
+        if self.cluster.skipped is not None:
+            return
+        for mode in cluster.MODES if repeat % 2 == 0 else cluster.MODES[::-1]:
+            self.progress.begin(f"cap: {mode.replace('_', ' ')} chat c={cluster.CONCURRENCY} #{repeat + 1}")
+            url = workload.url(self.cluster.ports[mode], "chat")
+            spec = self._spec(url, "chat", False, cluster.CONCURRENCY, self.args.cpu_duration)
+            figures = measure(self.generator, spec, self.cores, self.upstream, self.cluster.relays[mode])
+            self.runs.setdefault(("cluster", mode), []).append(figures)
+            self._check_alive()
+            self.progress.end(_outcome(figures))
+
     def _fidelity(self, endpoint: str, streams: int, mode: str, repeat: int) -> None:
         self.progress.begin(f"stream fidelity {endpoint} {streams} stream(s) {mode} #{repeat + 1}")
         headers = workload.headers(FIDELITY["events"], FIDELITY["delay_ms"], FIDELITY["event_delay_ms"])
@@ -399,7 +416,7 @@ class Bench:
         self.progress.end(f"{outcome.completed:,}/{count:,} complete, peak open {outcome.peak_open:,}")
 
     def _check_alive(self) -> None:
-        for proc in (self.relay, self.upstream, self.floor):
+        for proc in (self.relay, self.upstream, self.floor, *self.cluster.relays.values()):
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} died (exit {proc.popen.returncode}):\n{proc.log_tail()}")
 
@@ -490,6 +507,7 @@ def _assemble(
         },
         machine=facts,
         relay_log_warnings=relay_warnings,
+        cluster_skipped=bench.cluster.skipped,
     )
 
 

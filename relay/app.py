@@ -26,6 +26,7 @@ from relay.attempts import Attempts
 from relay.auth import RequireKey
 from relay.body import Rules
 from relay.capture import CaptureStore
+from relay.cluster import ClusterLimits, Gate, build
 from relay.config import BIND_HOST_ENV, ConfigError, load_settings
 from relay.failures import Failures
 from relay.host_names import HostNames
@@ -35,7 +36,7 @@ from relay.lifespan import lifespan
 from relay.logs import attach_to_uvicorn
 from relay.fleet import Fleet, Member
 from relay.health import Health
-from relay.metrics import MetricsEndpoint, keep_flushing, metrics
+from relay.metrics import Metrics, MetricsEndpoint, keep_flushing, metrics
 from relay.observe import Observer
 from relay.patcher import Helper, Patcher
 from relay.proxy import Proxy
@@ -60,11 +61,13 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     check()
     fleet = _fleet(settings, resolver)
     slots = Slots(settings.max_concurrent_requests)
+    cluster = build(settings.cluster, settings.metrics) if settings.cluster is not None else None
     recorder = metrics() if settings.metrics else None
-    flush_metrics = (lambda: recorder.flush(slots.in_flight, slots.waiting, fleet)) if recorder is not None else None
+    flush_metrics = _flusher(recorder, slots, fleet, cluster)
     allowed = None if "*" in settings.allowed_hosts else HostNames(settings.allowed_hosts or default_allowed(bind_host or settings.host))
     helper = Helper()
-    shared = _Shared(settings, fleet, slots, Retrier(settings.retry, failover=len(fleet.members) > 1), helper, allowed)
+    retrier = Retrier(settings.retry, failover=len(fleet.members) > 1)
+    shared = _Shared(settings, fleet, slots, retrier, helper, allowed, cluster.gate if cluster is not None else None)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
     healthy = StaticJSON(orjson.dumps({"status": "ok"}))
     # The API paths come first: the router tries routes in order. Proxy answers methods other than POST.
@@ -88,7 +91,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     summary = (
         f"relay: POST /v1/chat/completions and /v1/responses -> {', '.join(u.base_url for u in upstreams)} as model "
         f"{settings.openai_model} (in-flight cap: {settings.max_concurrent_requests or 'unlimited'}"
-        f"{', client keys required' if settings.relay_api_keys else ''})"
+        f"{', client keys required' if settings.relay_api_keys else ''}{_cluster_summary(settings)})"
     )
     capture = None
     if settings.capture_dir is not None:
@@ -96,6 +99,10 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
         summary += f"; model calls under /ng-rollout/<id>/ captured to {settings.capture_dir}"
     opens = [u.open for u in upstreams]
     closes = [*(u.close for u in upstreams), helper.close, *((capture.close,) if capture else ())]
+    if cluster is not None:
+        opens.append(cluster.keeper.open)
+        closes.append(cluster.keeper.close)
+        tasks += cluster.keeper.tasks()
     prefixed = RolloutPrefix(capture)
     router = Router(
         routes,
@@ -117,6 +124,7 @@ class _Shared(NamedTuple):
     retrier: Retrier
     helper: Helper
     allowed: HostNames | None
+    cluster: Gate | None
 
 
 def _proxy(path: str, shared: _Shared) -> Proxy:
@@ -139,10 +147,39 @@ def _proxy(path: str, shared: _Shared) -> Proxy:
     )  # fmt: skip
     failures = Failures(settings.connect_timeout, settings.read_timeout, settings.total_timeout)
     attempts = Attempts(
-        full_path, shared.fleet, shared.slots, shared.retrier, failures, observer, settings.retry_stale_connections, settings.routing
-    )
+        full_path, shared.fleet, shared.slots, shared.retrier, failures, observer, settings.retry_stale_connections,
+        settings.routing, shared.cluster,
+    )  # fmt: skip
     relay = ResponseRelay(full_path, observer, settings.timing_header)
     return Proxy(full_path, settings, intake, attempts, relay, failures, observer)
+
+
+def _flusher(recorder: Metrics | None, slots: Slots, fleet: Fleet, cluster: ClusterLimits | None) -> Callable[[], None] | None:
+    """What hands this process's plain counts to prometheus-client (at each flush and each scrape)."""
+    if recorder is None:
+        return None
+    if cluster is None:
+        return lambda: recorder.flush(slots.in_flight, slots.waiting, fleet)
+
+    def flush() -> None:
+        recorder.flush(slots.in_flight, slots.waiting, fleet)
+        cluster.flush()
+
+    return flush
+
+
+def _cluster_summary(settings: Settings) -> str:
+    """The cluster's name and limits for the start-up line; never its redis_url (it may hold a password)."""
+    cluster = settings.cluster
+    if cluster is None:
+        return ""
+    limits = (
+        ("in flight", cluster.max_concurrent_requests),
+        ("requests/min", cluster.requests_per_minute),
+        ("tokens/min", cluster.tokens_per_minute),
+    )
+    shown = ", ".join(f"{what} {value}" for what, value in limits if value is not None)
+    return f"; cluster {cluster.name}: {shown} on Redis"
 
 
 def _fleet(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None) -> Fleet:

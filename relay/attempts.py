@@ -10,7 +10,8 @@ answer, the failure table (relay.failures) and three rules decide what comes nex
   `routing.failover_statuses`) goes at once to another upstream, at most once per upstream, within the
   retry budget;
 - the opt-in retry policy (relay.retry), with backoff; the slots are released while it sleeps.
-Every attempt's outcome feeds its upstream's health (relay.health).
+With `cluster:`, a round also holds a cluster-wide slot and budget (relay.cluster), taken after the
+process's slot and given back with it. Every attempt's outcome feeds its upstream's health (relay.health).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import time
 
+from relay.cluster import Gate
 from relay.deadlines import IDLE, UPSTREAM_SILENT, Watchdog
 from relay.failures import NEVER, Failure, Failures, describe
 from relay.fleet import Fleet, Member
@@ -44,6 +46,7 @@ class Attempts:
         observer: Observer,
         resend_stale: bool,
         routing: Routing,
+        cluster: Gate | None = None,
     ) -> None:
         self.path = path
         self.api_path = path.removeprefix("/v1")
@@ -55,6 +58,7 @@ class Attempts:
         self.resend_stale = resend_stale
         self.failover = routing.failover and len(fleet.members) > 1
         self.failover_statuses = routing.failover_statuses if self.failover else frozenset()
+        self.cluster = cluster
 
     async def answer(
         self, query: bytes, headers: list[Header], body: bytes, record: RequestRecord, watchdog: Watchdog
@@ -70,6 +74,10 @@ class Attempts:
             member = self.fleet.choose(record.affinity, tried)
             holding = answered = fresh = False
             try:
+                if self.cluster is not None:
+                    refused = await self.cluster.admit(record, body)
+                    if refused is not None:
+                        return refused
                 if not member.slots.acquire_now():
                     record.slot_wait += await member.slots.acquire()
                 holding = self._took(member, record)
@@ -120,6 +128,8 @@ class Attempts:
                     if holding:
                         self._give_back(member, watchdog)
                     self.slots.release()
+                    if self.cluster is not None:
+                        self.cluster.release(record, answered=False)
             self._retrying(record, reason, delay)
             await asyncio.sleep(delay)
 
@@ -129,6 +139,8 @@ class Attempts:
         member.in_flight -= 1
         member.slots.release()
         self.slots.release()
+        if self.cluster is not None:
+            self.cluster.release(record, answered=True)
         if record.error == "mid_body" or watchdog.reason == UPSTREAM_SILENT:
             member.health.failed()
 
@@ -153,6 +165,8 @@ class Attempts:
         record.error = None  # an earlier attempt's failure is not this answer's
         record.ttfb = time.perf_counter() - sent
         record.upstream_status = response.status
+        if self.cluster is not None:
+            self.cluster.upstream_said(response.headers)
         member.answers[response.status] = member.answers.get(response.status, 0) + 1
         if response.status >= 500:
             member.health.failed()

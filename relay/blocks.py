@@ -8,7 +8,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from relay import values
-from relay.settings import GYM_RETRY_STATUSES, RetryPolicy, Routing, UpstreamSpec
+from relay.settings import GYM_RETRY_STATUSES, Cluster, RetryPolicy, Routing, UpstreamSpec
 
 
 def block(value: Any, cls: type, checks: Mapping[str, Callable[[Any], Any]], example: str, base: Any = None) -> Any:
@@ -62,6 +62,32 @@ def routing(value: Any) -> Routing:
         "session_cookie": values.cookie_name,
     }
     return block(value, Routing, checks, "{affinity: auto, balance: least_in_flight}")
+
+
+def cluster(value: Any) -> Cluster:
+    checks = {
+        "redis_url": values.redis_url,
+        "name": values.key_prefix,
+        "max_concurrent_requests": values.cap,
+        "requests_per_minute": values.cap,
+        "tokens_per_minute": values.cap,
+        "on_redis_error": values.choice("local", "fail"),
+        "lease_seconds": values.at_least(1.0),
+        "max_wait_seconds": values.seconds,
+        "burst_seconds": values.seconds,
+        "default_max_tokens": values.positive_int,
+        "redis_timeout": values.timeout,
+        "fallback_processes": values.cap,
+    }
+    example = "{redis_url: redis://127.0.0.1:6379/0, name: my-job, max_concurrent_requests: 512}"
+    checked: Cluster = block(value, Cluster, checks, example)
+    if not checked.redis_url or not checked.name:
+        raise ValueError(f"needs {'name' if checked.redis_url else 'redis_url'} (such as {example})")
+    if not checked.rates and checked.max_concurrent_requests is None:
+        raise ValueError("sets no limit: give max_concurrent_requests, requests_per_minute or tokens_per_minute")
+    if checked.redis_timeout is None:
+        raise ValueError(".redis_timeout must be a positive number of seconds: no Redis call may wait forever")
+    return checked
 
 
 def upstreams(value: Any) -> str | tuple[UpstreamSpec, ...]:

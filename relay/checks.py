@@ -85,6 +85,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "observability_enabled": values.flag,
     "model_call_capture_dir": values.text,
     "model_call_capture_max_bytes": values.positive_int,
+    "cluster": blocks.cluster,
 }
 # Keys whose null means "no limit" rather than "the default".
 _NULLABLE = frozenset(

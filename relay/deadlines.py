@@ -4,6 +4,9 @@ Every deadline in the relay, and where it lives:
   request_head_timeout   relay.protocol        request line and headers (slowloris); 408
   request_body_timeout   relay.intake          the whole request body; 408
   slot wait              relay.slots           none of its own: total_timeout or the client leaving ends it
+  cluster.max_wait_seconds  relay.cluster.pump  a cluster slot (then 503), a budget's turn (then 429 at once)
+  cluster.redis_timeout  relay.cluster.store   every Redis call; past it Redis counts as unreachable
+  cluster.lease_seconds  relay.cluster.keeper  a dead process's cluster slots expire after this
   connect_timeout        relay.upstream        aiohttp's connector, per connection attempt; 504
   read_timeout           Watchdog (here)       upstream silent: before its answer's head, or between chunks
   client_write_timeout   Watchdog (here)       a client that takes no byte of its response

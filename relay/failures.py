@@ -16,6 +16,7 @@ from typing import NamedTuple
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
+from relay.headers import Header
 from relay.upstream import NotSent
 
 NOT_SENT, MAYBE_SENT, NEVER = "not_sent", "maybe_sent", "never"
@@ -30,6 +31,8 @@ class Failure(NamedTuple):
     code: str
     message: str
     resend: str  # NOT_SENT, MAYBE_SENT or NEVER
+    type: str = "upstream_error"  # the error body's `type`
+    headers: tuple[Header, ...] = ()  # sent with the error (retry-after)
 
 
 class Failures:

@@ -35,7 +35,7 @@ log = logging.getLogger("relay")
 FLUSH_SECONDS = 0.5  # at 8,000 requests/s a flush holds the loop about 5 ms
 
 # From sub-millisecond slot waits to reasoning models that think for many minutes.
-_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RETRY_REASONS = ("stale_connection", "failover", *KINDS[:-1], "429", "500", "502", "503", "504")
 REFUSAL_REASONS = ("invalid_host", "invalid_origin", "invalid_api_key")
 TOKEN_KINDS = ("prompt", "completion", "cached_prompt", "reasoning")  # the fields of relay.usage.Tokens
@@ -51,10 +51,10 @@ class Metrics:
         self.requests = Counter("relay_requests", "Requests answered, by endpoint and status", ["endpoint", "status"])
         self.in_flight = Gauge("relay_upstream_in_flight", "Upstream requests in flight", multiprocess_mode="livesum")
         self.waiting = Gauge("relay_slot_waiting", "Requests waiting for a concurrency slot", multiprocess_mode="livesum")
-        self.slot_wait = Histogram("relay_slot_wait_seconds", "Time spent waiting for a concurrency slot", buckets=_SECONDS)
-        self.ttfb = Histogram("relay_upstream_ttfb_seconds", "Upstream time to response headers", ["endpoint"], buckets=_SECONDS)
+        self.slot_wait = Histogram("relay_slot_wait_seconds", "Time spent waiting for a concurrency slot", buckets=SECONDS)
+        self.ttfb = Histogram("relay_upstream_ttfb_seconds", "Upstream time to response headers", ["endpoint"], buckets=SECONDS)
         self.duration = Histogram(
-            "relay_request_duration_seconds", "Whole request, body relayed", ["endpoint"], buckets=_SECONDS
+            "relay_request_duration_seconds", "Whole request, body relayed", ["endpoint"], buckets=SECONDS
         )
         self.bytes_in = Counter("relay_request_bytes", "Request body bytes received from clients", ["endpoint"])
         self.bytes_out = Counter("relay_response_bytes", "Response body bytes relayed to clients", ["endpoint"])

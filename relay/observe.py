@@ -16,6 +16,7 @@ from relay.metrics import EndpointMetrics, Metrics
 from relay.usage import CACHED, COMPLETION, PROMPT, REASONING, Tokens, tokens_in
 
 access_log = logging.getLogger("relay.access")
+_UNREAD = object()
 
 
 @dataclass(slots=True)
@@ -37,6 +38,16 @@ class RequestRecord:
     affinity: bytes | None = None  # the conversation's key, if the request named one (never logged)
     set_cookie: bytes | None = None  # a session cookie the relay hands to the client with its answer
     rollout_id: str | None = None  # NeMo Gym's rollout (the /ng-rollout/<id>/ prefix), for the access log
+    admission: object | None = None  # the cluster slot and budget the request holds (relay.cluster)
+    _tokens: object = _UNREAD
+
+    def tokens(self) -> Tokens | None:
+        """The usage of a whole, successful answer, read once: the metrics, the access log and the
+        cluster's token budget all want it. One cut off in the middle (`error`) may end in a cut number."""
+        if self._tokens is _UNREAD:
+            ok = 200 <= self.status < 300 and self.error is None
+            self._tokens = tokens_in(*self.last_chunks) if ok else None
+        return self._tokens  # type: ignore[return-value]
 
 
 class Observer:
@@ -54,8 +65,7 @@ class Observer:
         if self.requests is None and self.log_format == "off":
             return
         duration = time.perf_counter() - record.started
-        # Only a whole answer's usage: one cut off in the middle (record.error) may end in a cut number.
-        counted = tokens_in(*record.last_chunks) if 200 <= record.status < 300 and record.error is None else None
+        counted = record.tokens()
         if self.requests is not None:
             self.requests.record(
                 record.status, duration, record.ttfb, record.bytes_in, record.bytes_out, record.slot_wait, counted

@@ -126,7 +126,7 @@ class Proxy:
 
     async def _reply_failure(self, send: Send, failure: Failure, record: RequestRecord) -> None:
         record.status = failure.status
-        await send_error(send, failure.status, failure.message, type="upstream_error", code=failure.code)
+        await send_error(send, failure.status, failure.message, type=failure.type, code=failure.code, headers=failure.headers)
 
 
 def _note_rollout(scope: Scope, record: RequestRecord) -> None:

@@ -66,6 +66,28 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Limits shared through one Redis by every relay process that names the same `name` (relay.cluster)."""
+
+    redis_url: str = field(default="", repr=False)  # required; may carry a password
+    name: str = ""  # required: the key namespace, so several jobs can share one Redis
+    max_concurrent_requests: int | None = None  # in flight across every process of the cluster
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # charged from each answer's usage
+    on_redis_error: str = "local"  # local: each process keeps an even share of the limits; fail: 503
+    lease_seconds: float = 10.0  # a slot of a process that died comes back after this
+    max_wait_seconds: float = 60.0  # longest wait for a slot or for budget; then 503 or 429
+    burst_seconds: float = 1.0  # the budgets' tolerance: this many seconds' worth may go at once
+    default_max_tokens: int = 1024  # the token estimate of a request that sets no max_*tokens
+    redis_timeout: float = 0.5  # every Redis call; a slower Redis counts as unreachable
+    fallback_processes: int | None = None  # what the limits are shared by while Redis is unreachable
+
+    @property
+    def rates(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     openai_base_url: str | tuple[UpstreamSpec, ...]
     openai_api_key: str = field(repr=False)
@@ -115,6 +137,7 @@ class Settings:
     def capture_dir(self) -> str | None:
         """Where capture records go, or None when capture is off."""
         return self.model_call_capture_dir if self.observability_enabled else None
+    cluster: Cluster | None = None  # cluster-wide limits on Redis; None: per-process limits only
 
     @property
     def upstreams(self) -> tuple[UpstreamSpec, ...]:

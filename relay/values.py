@@ -16,6 +16,7 @@ from relay.settings import ENDPOINT_BLOCKS
 _LINE_BREAK = re.compile(r"[\r\n\x00]")
 _UNPRINTABLE_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field names
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _RELAY_OWNED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 # Values from the environment (${oc.env:...}, or a ${name} found there) arrive as text, as they do in Gym,
 # whose pydantic reads "3" as 3 and "False" as false: numbers and truth values written as text count.
@@ -57,6 +58,21 @@ def base_url(value: Any) -> str:
     if parts.username is not None or parts.password is not None:
         # Credentials in the URL would be logged with it; the key belongs in openai_api_key.
         raise ValueError("must not carry a user name or password; put the key in openai_api_key")
+    return value
+
+
+def redis_url(value: Any) -> str:
+    if _UNPRINTABLE_OR_SPACE.search(text(value)):
+        raise ValueError("must not contain spaces or control characters")
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// (TLS) or unix:// URL such as redis://127.0.0.1:6379/0")
+    return value
+
+
+def key_prefix(value: Any) -> str:
+    # Braces would break the key's hash tag (relay.cluster.store), which keeps a job's keys in one slot.
+    if not isinstance(value, str) or not _KEY_NAME.fullmatch(value):
+        raise ValueError("must be 1 to 100 letters, digits or . _ : - (it names the job's keys in Redis)")
     return value
 
 

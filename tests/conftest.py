@@ -5,12 +5,15 @@ script it and read what it received."""
 from __future__ import annotations
 
 import os
+import itertools
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay.testing import UpstreamThread
+from tests.redis_server import RedisServer
 from tests.servers import RELAY_SERVE, RelayServer, start_relay
 
 
@@ -61,6 +64,30 @@ def relay_factory(
 def relay(relay_factory: Callable[..., RelayServer]) -> RelayServer:
     """The relay with the seed configuration (no extra_body, no cap) in front of the fake upstream."""
     return relay_factory()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; each test names its own cluster, so their keys never meet."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def spawn_relay(tmp_path: Path, upstream: UpstreamThread) -> Iterator[Callable[..., RelayServer]]:
+    """spawn_relay(**config) -> a relay of this test alone, stopped by PID when the test ends."""
+    started: list[RelayServer] = []
+    counter = itertools.count()
+
+    def make(*, args: tuple[str, ...] = (), **overrides: Any) -> RelayServer:
+        server = start_relay(tmp_path / f"relay-{next(counter)}", upstream.base_url, args=args, **overrides)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -162,6 +162,17 @@ CONFIG_ERRORS: list[tuple[str, Mapping[str, Any] | str | None, Mapping[str, Any]
      ["{config}", "openai_base_url[1]", "spaces"]),
     ("upstream-entry-without-url", valid_config(openai_base_url=[{"weight": 2}]), VALID_ENV, ["{config}", "openai_base_url[0]", "url"]),
     ("unknown-routing-key", valid_config(routing={"affinty": "auto"}), VALID_ENV, ["{config}", "routing", "affinty"]),
+    ("cluster-without-a-limit", valid_config(cluster={"redis_url": "redis://127.0.0.1:9/0", "name": "job"}), VALID_ENV,
+     ["{config}", "cluster", "sets no limit"]),
+    ("cluster-without-a-name", valid_config(cluster={"redis_url": "redis://127.0.0.1:9/0", "max_concurrent_requests": 8}),
+     VALID_ENV, ["{config}", "cluster", "name"]),
+    ("cluster-unknown-key", valid_config(cluster={"redis_url": "redis://127.0.0.1:9/0", "name": "job", "cap": 8}), VALID_ENV,
+     ["{config}", "cluster", "unknown key 'cap'"]),
+    # The Redis URL may carry a password: a URL that fails the check is not shown either.
+    ("cluster-url-with-secret", valid_config(cluster={"redis_url": f"http://:{SECRET}@127.0.0.1:9", "name": "job",
+     "max_concurrent_requests": 8}), VALID_ENV, ["{config}", "cluster.redis_url", "redis://"]),
+    ("cluster-name-with-brace", valid_config(cluster={"redis_url": "redis://127.0.0.1:9/0", "name": "a{b}",
+     "max_concurrent_requests": 8}), VALID_ENV, ["{config}", "cluster.name"]),
     # A missing space after the colon makes the whole line one unknown key, the secret included.
     ("secret-in-unknown-key", "openai_base_url: ${{policy_base_url}}\nopenai_model: m\nopenai_api_key:" + SECRET + ":\n",
      VALID_ENV, ["{config}", "unknown key", "openai_api_key"]),

@@ -18,7 +18,7 @@ Behaviour is driven by request headers, which a relay forwards end to end:
 ``x-fake-event-delay-ms: F``    wait between SSE events
 ``x-fake-size: BYTES``          approximate JSON body size, or content size of each SSE event
 ``x-fake-status: CODE``         answer CODE with an OpenAI error body
-``x-fake-headers: {json}``      extra response headers, for any response
+``x-fake-headers: {json}``      extra response headers, for any response (in place of a canned one of the same name)
 ``x-fake-gzip: 1``              gzip a JSON body (mtime 0, so still deterministic)
 ``x-fake-fault: NAME``          reset-before-headers, hang, reset-mid-body, reset-mid-stream,
                                 stall-mid-stream, close-after-response or close-when-reused

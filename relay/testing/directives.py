@@ -160,7 +160,7 @@ def _compose(canned: _Canned, directives: _Directives, request_id: bytes, keep_a
     close = not keep_alive or directives.fault == "close-after-response"
     head = b"".join(
         (
-            canned.head,
+            _without(canned.head, directives.extra) if directives.extra else canned.head,
             b"openai-processing-ms: %d\r\nx-request-id: req_%b\r\n" % (directives.delay * 1000, request_id),
             directives.extra,
             b"connection: close\r\n" if close else b"",
@@ -185,6 +185,14 @@ def _compose(canned: _Canned, directives: _Directives, request_id: bytes, keep_a
         # One write per JSON answer: the syscall, not the copy, is what costs at high rates.
         return _Wire([head + canned.parts[0]], ending, directives.delay, 0.0, *idle)
     return _Wire([head, *canned.parts], ending, directives.delay, directives.gap, *idle)
+
+
+def _without(head: bytes, extra: bytes) -> bytes:
+    """A canned head less the lines whose header x-fake-headers sets: its value replaces theirs (a test
+    that says `x-ratelimit-remaining-requests: 0` must not also send the canned 9999)."""
+    names = {line.split(b":", 1)[0].lower() for line in extra.split(b"\r\n") if line}
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(line for index, line in enumerate(lines) if index == 0 or line.split(b":", 1)[0].lower() not in names)
 
 
 def _plan(request: Recorded, request_id: bytes, keep_alive: bool) -> _Wire:
