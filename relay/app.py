@@ -189,7 +189,8 @@ def _fleet(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None) ->
         upstream = Upstream(spec.url, spec.api_key or settings.openai_api_key, settings, resolver)
         health = Health(routing.eject_after, routing.eject_seconds, routing.max_eject_seconds)
         endpoints = {path: upstream.endpoint(path) for path in API_PATHS}
-        members.append(Member(upstream, endpoints, health, Slots(spec.max_concurrent_requests), spec.weight))
+        cap = Slots(spec.max_concurrent_requests) if spec.max_concurrent_requests else None
+        members.append(Member(upstream, endpoints, health, cap, spec.weight))
     return Fleet(members, routing)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
 from relay.cluster import Gate
 from relay.deadlines import IDLE, UPSTREAM_SILENT, Watchdog
@@ -66,100 +67,125 @@ class Attempts:
         """The answer to relay and its upstream, with their slots still held (give them back with
         `done()`), or the failure that ends the request (logged, no slot held)."""
         self.retrier.admit()
-        resend_stale = self.resend_stale
-        tried: tuple[Member, ...] = ()
         while True:  # a round per sleep of the retry policy
             if not self.slots.acquire_now():
                 record.slot_wait += await self.slots.acquire()
-            member = self.fleet.choose(record.affinity, tried)
-            holding = answered = fresh = False
+            outcome: tuple[Response, Member] | Failure | _Later = _UNANSWERED
             try:
-                if self.cluster is not None:
-                    refused = await self.cluster.admit(record, body)
-                    if refused is not None:
-                        return refused
-                if not member.slots.acquire_now():
-                    record.slot_wait += await member.slots.acquire()
-                holding = self._took(member, record)
-                while True:  # the attempts of these slots: the first, a resend after the race, failovers
-                    record.attempts += 1
-                    sent = time.perf_counter()
-                    try:
-                        response = await member.endpoints[self.api_path].post(query, headers, body, fresh, watchdog.waiting_upstream)
-                    except Unanswered as failed:
-                        watchdog.waiting(IDLE)
-                        failure = self.failures.classify(failed.cause)
-                        self.observer.upstream_failed(record, failure.kind)
-                        if resend_stale and failed.reused and _raced(failure, failed.cause):
-                            resend_stale, fresh = False, True
-                            self._retrying(record, "stale_connection", 0.0)
-                            continue
-                        member.last_error = failure.kind
-                        member.health.failed()
-                        if not (failure.resend != NEVER and self._may_fail_over(tried)):
-                            delay = self.retrier.after_failure(failure, record.attempts - 1, record.started)
-                            if delay is None:
-                                log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, describe(failed.cause))
-                                return failure
-                            reason = failure.kind
-                            break
-                    else:
-                        delay = self._after_answer(response, member, record, sent)
-                        if not (response.status in self.failover_statuses and self._may_fail_over(tried)):
-                            if delay is None:
-                                answered = True
-                                return response, member
-                            watchdog.waiting(IDLE)
-                            response.close()  # the retried answer is discarded; its connection is not worth draining
-                            reason = str(response.status)
-                            break
-                        response.close()
-                    # Failover: at once, to an upstream not tried yet for this request, in the same process slot.
-                    self._give_back(member, watchdog)
-                    holding = False
-                    tried = (*tried, member)
-                    member = self.fleet.choose(record.affinity, tried)
-                    self._retrying(record, f"failover to {member.label}", 0.0, "failover")
-                    if not member.slots.acquire_now():
-                        record.slot_wait += await member.slots.acquire()
-                    holding, fresh = self._took(member, record), False
+                outcome = await self._round(query, headers, body, record, watchdog)
             finally:
-                if not answered:
-                    if holding:
-                        self._give_back(member, watchdog)
+                if type(outcome) is not tuple:  # no answer to relay: nothing stays held
                     self.slots.release()
                     if self.cluster is not None:
                         self.cluster.release(record, answered=False)
-            self._retrying(record, reason, delay)
-            await asyncio.sleep(delay)
+            if type(outcome) is not _Later:
+                return outcome  # type: ignore[return-value]
+            self._retrying(record, outcome.reason, outcome.delay)
+            await asyncio.sleep(outcome.delay)
+
+    async def _round(
+        self, query: bytes, headers: list[Header], body: bytes, record: RequestRecord, watchdog: Watchdog
+    ) -> tuple[Response, Member] | Failure | _Later:
+        """The attempts of one round, in the process's slot: the cluster's slot and an upstream's are taken,
+        then the request goes out; again at once after the keep-alive race, and to another upstream on a
+        failover. Ends with the answer (its slots held), the failure to report, or a retry for later."""
+        if self.cluster is not None:
+            refused = await self.cluster.admit(record, body)
+            if refused is not None:
+                return refused
+        member = self.fleet.single or self.fleet.choose(record.affinity, record.tried)
+        if member.slots is not None and not member.slots.acquire_now():
+            record.slot_wait += await member.slots.acquire()
+        self._took(member, record)
+        holding, fresh, answered = True, False, False
+        try:
+            while True:
+                record.attempts += 1
+                sent = time.perf_counter()
+                try:
+                    response = await member.endpoints[self.api_path].post(query, headers, body, fresh, watchdog.waiting_upstream)
+                except Unanswered as failed:
+                    watchdog.waiting(IDLE)
+                    failure = self.failures.classify(failed.cause)
+                    self.observer.upstream_failed(record, failure.kind)
+                    if failed.reused and self._raced(record, failure, failed.cause):
+                        fresh = True
+                        continue
+                    member.last_error = failure.kind
+                    member.health.failed()
+                    if failure.resend == NEVER or not self._may_fail_over(record):
+                        return self._retry_or_report(failure, failed.cause, record)
+                else:
+                    delay = self._after_answer(response, member, record, sent)
+                    if response.status not in self.failover_statuses or not self._may_fail_over(record):
+                        if delay is None:
+                            answered = True
+                            return response, member
+                        watchdog.waiting(IDLE)
+                        response.close()  # the retried answer is discarded; its connection is not worth draining
+                        return _Later(delay, str(response.status))
+                    response.close()
+                # Failover: at once, to an upstream not tried yet for this request, in the same process slot.
+                self._give_back(member, watchdog)
+                holding, fresh = False, False
+                record.tried = (*record.tried, member)
+                member = self.fleet.choose(record.affinity, record.tried)
+                self._retrying(record, f"failover to {member.label}", 0.0, "failover")
+                if member.slots is not None and not member.slots.acquire_now():
+                    record.slot_wait += await member.slots.acquire()
+                self._took(member, record)
+                holding = True
+        finally:
+            if holding and not answered:
+                self._give_back(member, watchdog)
 
     def done(self, member: Member, watchdog: Watchdog, record: RequestRecord) -> None:
         """The answer has been relayed, or given up on: its slots are free, and a body the upstream broke
         off or went silent in counts against it."""
         member.in_flight -= 1
-        member.slots.release()
+        if member.slots is not None:
+            member.slots.release()
         self.slots.release()
         if self.cluster is not None:
             self.cluster.release(record, answered=True)
         if record.error == "mid_body" or watchdog.reason == UPSTREAM_SILENT:
             member.health.failed()
 
-    def _took(self, member: Member, record: RequestRecord) -> bool:
+    def _took(self, member: Member, record: RequestRecord) -> None:
         member.in_flight += 1
-        member.health.sent()
+        if member.health.ejections:  # the half-open trial (a healthy one has nothing to note)
+            member.health.sent()
         record.upstream = member.label
-        return True
 
     def _give_back(self, member: Member, watchdog: Watchdog) -> None:
         member.in_flight -= 1
-        member.slots.release()
+        if member.slots is not None:
+            member.slots.release()
         if watchdog.reason == UPSTREAM_SILENT:  # it took read_timeout without answering
             member.health.failed()
         else:
             member.health.abandoned()
 
-    def _may_fail_over(self, tried: tuple[Member, ...]) -> bool:
-        return self.failover and len(tried) + 1 < len(self.fleet.members) and self.retrier.spend()
+    def _raced(self, record: RequestRecord, failure: Failure, exc: BaseException) -> bool:
+        """On a reused connection: the keep-alive race, if nothing of an answer arrived, and the request
+        goes again (once) on a new connection."""
+        if not self.resend_stale or record.stale_resent or failure.resend == NEVER:
+            return False
+        if failure.kind != "closed" and not nothing_received(exc):
+            return False
+        record.stale_resent = True
+        self._retrying(record, "stale_connection", 0.0)
+        return True
+
+    def _may_fail_over(self, record: RequestRecord) -> bool:
+        return self.failover and len(record.tried) + 1 < len(self.fleet.members) and self.retrier.spend()
+
+    def _retry_or_report(self, failure: Failure, cause: BaseException, record: RequestRecord) -> Failure | _Later:
+        delay = self.retrier.after_failure(failure, record.attempts - 1, record.started)
+        if delay is not None:
+            return _Later(delay, failure.kind)
+        log.warning("upstream error on %s -> %d: %s (%s)", self.path, failure.status, failure.message, describe(cause))
+        return failure
 
     def _after_answer(self, response: Response, member: Member, record: RequestRecord, sent: float) -> float | None:
         record.error = None  # an earlier attempt's failure is not this answer's
@@ -170,7 +196,7 @@ class Attempts:
         member.answers[response.status] = member.answers.get(response.status, 0) + 1
         if response.status >= 500:
             member.health.failed()
-        else:
+        elif member.health.failures or member.health.ejections:
             member.health.succeeded()
         try:
             return self.retrier.after_status(response.status, response.headers, record.attempts - 1, record.started)
@@ -183,6 +209,11 @@ class Attempts:
         log.info("retrying %s in %.2f s (attempt %d: %s)", self.path, delay, record.attempts, reason)
 
 
-def _raced(failure: Failure, exc: BaseException) -> bool:
-    """The failure of a reused connection is the keep-alive race: nothing of an answer arrived."""
-    return failure.resend != NEVER and (failure.kind == "closed" or nothing_received(exc))
+class _Later(NamedTuple):
+    """Try again after the retry policy's sleep."""
+
+    delay: float
+    reason: str
+
+
+_UNANSWERED = _Later(0.0, "")  # what a round that raised ended with

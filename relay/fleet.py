@@ -30,7 +30,7 @@ class Member:
     upstream: Upstream
     endpoints: dict[str, Endpoint]  # by API path
     health: Health
-    slots: Slots  # its own cap (max_concurrent_requests of its entry), or none
+    slots: Slots | None  # its own cap (max_concurrent_requests of its entry); None: none
     weight: int
     in_flight: int = 0
     current: int = 0  # smooth weighted round robin

@@ -16,15 +16,15 @@ class HostNames:
         cleaned = {name.strip().lower().strip("[]") for name in names}
         self._exact = frozenset(name.encode("idna") for name in cleaned if not name.startswith("*."))
         self._suffixes = tuple(b"." + name[2:].encode("idna") for name in cleaned if name.startswith("*."))
-        self._seen: dict[bytes, bool] = {}
+        self.seen: dict[bytes, bool] = {}
 
     def allows(self, authority: bytes) -> bool:
-        verdict = self._seen.get(authority)
+        verdict = self.seen.get(authority)
         if verdict is None:
             verdict = self._judge(authority)
-            if len(self._seen) >= _CACHE_ENTRIES:  # clients choose the values: start over rather than grow
-                self._seen.clear()
-            self._seen[authority] = verdict
+            if len(self.seen) >= _CACHE_ENTRIES:  # clients choose the values: start over rather than grow
+                self.seen.clear()
+            self.seen[authority] = verdict
         return verdict
 
     def _judge(self, authority: bytes) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -38,6 +39,8 @@ class RequestRecord:
     affinity: bytes | None = None  # the conversation's key, if the request named one (never logged)
     set_cookie: bytes | None = None  # a session cookie the relay hands to the client with its answer
     rollout_id: str | None = None  # NeMo Gym's rollout (the /ng-rollout/<id>/ prefix), for the access log
+    tried: tuple[Any, ...] = ()  # the upstreams it failed over from (relay.fleet.Member)
+    stale_resent: bool = False  # it went again after the keep-alive race (once at most)
     admission: object | None = None  # the cluster slot and budget the request holds (relay.cluster)
     _tokens: object = _UNREAD
 

@@ -92,7 +92,7 @@ def test_a_redis_outage_follows_on_redis_error_and_recovers(
 ) -> None:
     redis = RedisServer(tmp_path / "redis").start()
     try:
-        cluster = cluster_of(redis, max_concurrent_requests=4, on_redis_error=mode, lease_seconds=3, max_wait_seconds=5, redis_timeout=0.3)
+        cluster = cluster_of(redis, max_concurrent_requests=4, on_redis_error=mode, lease_seconds=3, max_wait_seconds=5, redis_timeout=1.0)
         relays = [spawn_relay(cluster=cluster), spawn_relay(cluster=cluster)]
         with Load(relays) as load:
             load.until(20)

@@ -20,8 +20,10 @@ Contracts (aiohttp 3.14; each is checked by problems() and by tests/unit/test_se
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-from collections.abc import Awaitable
+import operator
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -52,10 +54,12 @@ def connect_timeout(key: aiohttp.ClientRequest) -> aiohttp.ConnectionTimeoutErro
     return aiohttp.ConnectionTimeoutError(f"Connection timeout to host {key.url}")
 
 
-def expect_answer(protocol: ResponseHandler) -> None:
-    """Give the connection a parser for the next answer: bytes as sent (no decompression), and a body
-    without framing read to the connection's end."""
-    protocol.set_response_params(read_until_eof=True, auto_decompress=False)
+# The per-request calls are C-level callables (a partial, attrgetters): named seams that cost no Python
+# frame on every request.
+
+# Give the connection a parser for the next answer: bytes as sent (no decompression), and a body without
+# framing read to the connection's end. expect_answer(protocol)
+expect_answer = functools.partial(ResponseHandler.set_response_params, read_until_eof=True, auto_decompress=False)
 
 
 async def final_answer(protocol: ResponseHandler) -> tuple[RawResponseMessage, aiohttp.StreamReader]:
@@ -66,13 +70,10 @@ async def final_answer(protocol: ResponseHandler) -> tuple[RawResponseMessage, a
             return message, payload
 
 
-def is_dirty(protocol: ResponseHandler) -> bool:
-    """The pooled connection holds something besides a finished exchange (an unsolicited answer)."""
-    return protocol.should_close
-
-
-def closed_future(protocol: ResponseHandler) -> asyncio.Future[None] | None:
-    return protocol.closed
+# The pooled connection holds something besides a finished exchange (an unsolicited answer).
+is_dirty: Callable[[ResponseHandler], bool] = operator.attrgetter("should_close")
+# A future set when the connection is lost (None if it was lost before anyone asked).
+closed_future: Callable[[ResponseHandler], asyncio.Future[None] | None] = operator.attrgetter("closed")
 
 
 def drop(connection: Connection) -> None:

@@ -56,4 +56,4 @@ def test_verdicts_are_remembered_but_memory_stays_bounded() -> None:
     names = HostNames(["localhost"])
     for number in range(5000):
         names.allows(b"host-%d.example" % number)
-    assert len(names._seen) <= 1024
+    assert len(names.seen) <= 1024
