@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+# The versions behind the figures README.md quotes: written when README's figures are, read by every run
+# so that one on other versions says so (nothing is pinned just for the figures).
+PUBLISHED = Path(__file__).with_name("published.json")
 
 _PACKAGES = ("relay", "uvicorn", "aiohttp", "httptools", "uvloop", "starlette", "orjson")
 
@@ -41,6 +47,7 @@ def _version(package: str) -> str | None:
 
 
 def describe() -> dict[str, Any]:
+    versions = {name: _version(name) for name in _PACKAGES}
     return {
         "cores": os.cpu_count(),
         "usable_cores": sorted(os.sched_getaffinity(0)),
@@ -48,6 +55,17 @@ def describe() -> dict[str, Any]:
         "memory_gib": _mem_total_gib(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
-        "versions": {name: _version(name) for name in _PACKAGES},
+        "versions": versions,
+        "unlike_published": unlike_published(versions),
         "load_average_at_start": os.getloadavg(),
     }
+
+
+def unlike_published(versions: dict[str, str | None]) -> str | None:
+    """A line naming the versions that differ from those README's figures were measured with, if any."""
+    try:
+        published = json.loads(PUBLISHED.read_text())["versions"]
+    except (OSError, ValueError, KeyError):
+        return None
+    differ = [f"{name} {versions.get(name)} (README's: {was})" for name, was in published.items() if versions.get(name) != was]
+    return f"installed versions differ from those of README's figures: {', '.join(differ)}" if differ else None

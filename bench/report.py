@@ -97,6 +97,8 @@ def _header(outcome: dict[str, Any]) -> list[str]:
         f"load average {m['load_average_at_start'][0]:.2f} at start, "
         f"{m.get('load_average_at_end', [math.nan])[0]:.2f} at end",
     ]
+    if m.get("unlike_published"):
+        lines.append(m["unlike_published"])
     return [_wrap(line) for line in lines]
 
 
