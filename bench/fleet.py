@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,13 @@ async def _hit_rate(port: int, keyed: bool) -> float:
     return hits / turns
 
 
+def _code(answer: bytes) -> str:
+    try:
+        return str(json.loads(answer)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
+
+
 async def _drill(port: int, victim: Proc, victim_label: str) -> dict[str, Any]:
     url = workload.url(port, "chat")
     body = workload.body("chat")
@@ -116,8 +124,8 @@ async def _drill(port: int, victim: Proc, victim_label: str) -> dict[str, Any]:
         while time.monotonic() < end:
             try:
                 async with session.post(url, data=body, headers=workload.HEADERS) as response:
-                    await response.read()
-                    outcomes["ok" if response.status == 200 else f"status {response.status}"] += 1
+                    answer = await response.read()
+                    outcomes["ok" if response.status == 200 else f"{response.status} {_code(answer)}"] += 1
             except aiohttp.ClientError as exc:
                 outcomes[type(exc).__name__] += 1
 

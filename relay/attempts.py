@@ -7,8 +7,8 @@ answer, the failure table (relay.failures) and three rules decide what comes nex
   request goes again at once, on a new connection to the same upstream, in the same slots, once per
   request (`retry_stale_connections`, on by default; browsers do the same);
 - failover: with several upstreams, a failure the table allows to resend (or a status in
-  `routing.failover_statuses`) goes at once to another upstream, at most once per upstream, within the
-  retry budget;
+  `routing.failover_statuses`) goes at once to another upstream, at most once per upstream; within the
+  retry budget unless no upstream can have seen it;
 - the opt-in retry policy (relay.retry), with backoff; the slots are released while it sleeps.
 With `cluster:`, a round also holds a cluster-wide slot and budget (relay.cluster), taken after the
 process's slot and given back with it. Every attempt's outcome feeds its upstream's health (relay.health).
@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from relay.cluster import Gate
 from relay.deadlines import IDLE, UPSTREAM_SILENT, Watchdog
-from relay.failures import NEVER, Failure, Failures, describe
+from relay.failures import MAYBE_SENT, NEVER, Failure, Failures, describe
 from relay.fleet import Fleet, Member
 from relay.headers import Header
 from relay.observe import Observer, RequestRecord
@@ -113,11 +113,11 @@ class Attempts:
                         continue
                     member.last_error = failure.kind
                     member.health.failed()
-                    if failure.resend == NEVER or not self._may_fail_over(record):
+                    if failure.resend == NEVER or not self._may_fail_over(record, failure.resend == MAYBE_SENT):
                         return self._retry_or_report(failure, failed.cause, record)
                 else:
                     delay = self._after_answer(response, member, record, sent)
-                    if response.status not in self.failover_statuses or not self._may_fail_over(record):
+                    if response.status not in self.failover_statuses or not self._may_fail_over(record, True):
                         if delay is None:
                             answered = True
                             return response, member
@@ -177,8 +177,13 @@ class Attempts:
         self._retrying(record, "stale_connection", 0.0)
         return True
 
-    def _may_fail_over(self, record: RequestRecord) -> bool:
-        return self.failover and len(record.tried) + 1 < len(self.fleet.members) and self.retrier.spend()
+    def _may_fail_over(self, record: RequestRecord, spends: bool) -> bool:
+        """Another upstream is left for this request. A request no upstream can have seen (refused, not
+        sent) goes there freely: that is routing, and adds no load anywhere. One that may have been
+        processed (a reset, a 503) spends the retry budget, which keeps failovers from becoming a storm."""
+        if not self.failover or len(record.tried) + 1 >= len(self.fleet.members):
+            return False
+        return not spends or self.retrier.spend()
 
     def _retry_or_report(self, failure: Failure, cause: BaseException, record: RequestRecord) -> Failure | _Later:
         delay = self.retrier.after_failure(failure, record.attempts - 1, record.started)

@@ -136,6 +136,19 @@ def test_a_refusing_upstream_costs_no_client_an_error_is_ejected_and_comes_back(
         relay.stop()
 
 
+def test_a_request_no_upstream_saw_fails_over_whatever_the_retry_budget(three: list[UpstreamThread], tmp_path: Path) -> None:
+    # A budget of one resend, and an upstream that keeps refusing (never ejected): the refused requests
+    # still all go elsewhere, since no upstream can have seen them.
+    urls = [three[0].base_url, f"http://127.0.0.1:{free_port()}/v1"]
+    relay = fleet_relay(tmp_path, urls, routing={"eject_after": 10_000}, retry={"budget_burst": 1, "budget_ratio": 0})
+    try:
+        replies = many(100, lambda n: post(relay, CHAT_BODY, CHAT, {"X-Session-ID": f"k{n}"}), workers=4)
+        assert [reply.status for reply in replies] == [200] * 100
+        assert len(three[0].upstream.requests) == 100
+    finally:
+        relay.stop()
+
+
 def test_an_upstream_answering_503_is_failed_over_and_ejected(three: list[UpstreamThread], tmp_path: Path) -> None:
     async def unavailable(request: Recorded, responder: Responder) -> None:
         body = b'{"error":{"message":"overloaded","type":"server_error","param":null,"code":null}}'
