@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 import redis.asyncio
+import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -157,7 +158,10 @@ class Store:
             timeout=self.timeout,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),  # the caller decides what a failure means: no hidden retries
+            # One retry, at once and on a new connection, for a connection found dead (closed by a Redis that
+            # restarted, or idle-closed): Redis cannot have run the command. Nothing else is retried
+            # here (a timeout is not): the caller decides what a failure means.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         )
         self.client = redis.asyncio.Redis.from_pool(pool)  # closing the client closes its pool
         prefix = f"relay:{{{settings.name}}}:"
