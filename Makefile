@@ -46,7 +46,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet --upgrade starlette 'uvicorn[standard]' aiohttp prometheus-client \
-		multidict yarl httptools orjson pyyaml pytest trustme openai redis
+		multidict yarl httptools orjson pyyaml pytest trustme openai redis matplotlib
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(starlette|uvicorn|aiohttp|prometheus.client) '
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; rm -rf $(LATEST); exit $$status
