@@ -68,18 +68,19 @@ class Fleet:
                 else:
                     self.spills += 1
                 return members[index]
-        candidates = [m for m in members if m not in tried and m.health.usable()]
+        candidates = [m for m in members if (not m.health.ejections or m.health.usable()) and m not in tried]
         if not candidates:
             candidates = [m for m in members if m not in tried] or members
             return min(candidates, key=lambda m: m.health.ejected_for())  # the least bad
         return self._balanced(candidates)
 
     def _balanced(self, candidates: list[Member]) -> Member:
+        """Smooth weighted round robin among the least loaded (all of them with balance: round_robin)."""
         if not self.round_robin:
-            least = min(m.in_flight / m.weight for m in candidates) + 1
+            least = min([m.in_flight / m.weight for m in candidates]) + 1
             candidates = [m for m in candidates if m.in_flight <= least * m.weight]
-        if len(candidates) == 1:
-            return candidates[0]
+            if len(candidates) == 1:
+                return candidates[0]
         total = 0
         best = candidates[0]
         for member in candidates:
