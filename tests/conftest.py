@@ -30,6 +30,15 @@ def _fresh_upstream(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("upstream").upstream.reset()
 
 
+@pytest.fixture
+def started() -> Iterator[list[RelayServer]]:
+    """Relays a test starts itself; stopped when it ends, pass or fail."""
+    servers: list[RelayServer] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def relay_factory(
     upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory

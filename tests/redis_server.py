@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from relay.testing.ports import free_port
+from tests.servers import stop_process
 
 START_TIMEOUT = 10.0
 INSTALL_HINT = "install it: apt-get install -y redis-server (make test does)"
@@ -55,13 +56,8 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def log(self) -> str:

@@ -22,28 +22,13 @@ import yaml
 
 from relay.testing import UpstreamThread
 from tests.capture_schema import check_record
+from tests.gym_configs import MCQA, model_server
 from tests.clients import CHAT, RESPONSES, assert_openai_error, get, post, requests_seen
 from tests.servers import API_KEY, ROOT, RelayServer, wait_healthy
 
 MODEL = "gym-test-model"
-POLICY = {
-    "policy_model": {
-        "responses_api_models": {
-            "relay_model": {
-                "entrypoint": "app.py",
-                "openai_base_url": "${policy_base_url}",
-                "openai_api_key": "${policy_api_key}",
-                "openai_model": "${policy_model_name}",
-                "openai_default_headers": {},
-                "drop_input_reasoning_items": "${oc.env:POLICY_DROP_REASONING_ITEMS,false}",
-            }
-        }
-    }
-}
-RESOURCES = {
-    "mcqa": {"resources_servers": {"mcqa": {"entrypoint": "app.py", "domain": "knowledge"}}},
-    "mcqa_simple_agent": {"responses_api_agents": {"simple_agent": {"entrypoint": "app.py", "model_server": {"type": "responses_api_models", "name": "policy_model"}}}},
-}
+POLICY = model_server("relay_model")
+
 REASONING_INPUT = {
     "input": [
         {"type": "reasoning", "id": "rs_1", "summary": []},
@@ -81,14 +66,6 @@ def start_gym_relay(
     return server
 
 
-@pytest.fixture
-def started() -> Iterator[list[RelayServer]]:
-    servers: list[RelayServer] = []
-    yield servers
-    for server in servers:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def captures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("captures")
@@ -98,7 +75,7 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gym_relay(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory, captures: Path) -> Iterator[RelayServer]:
     """Gym's layout with capture on (top-level keys, as ng_run's ++observability_enabled=true puts them)."""
     top = {"observability_enabled": True, "model_call_capture_dir": str(captures)}
-    server = start_gym_relay(tmp_path_factory.mktemp("gym"), upstream.base_url, [RESOURCES, policy(access_log="json", model_call_capture_max_bytes=16384), top])
+    server = start_gym_relay(tmp_path_factory.mktemp("gym"), upstream.base_url, [MCQA, policy(access_log="json", model_call_capture_max_bytes=16384), top])
     yield server
     server.stop()
 

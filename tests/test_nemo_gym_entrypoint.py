@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import yaml
 
 from relay.testing import UpstreamThread
 from tests.capture_schema import check_record
+from tests.gym_configs import model_server
 from tests.clients import RESPONSES, post, requests_seen
 from tests.servers import API_KEY, ROOT, RelayServer, free_port, wait_healthy
 
@@ -41,32 +41,11 @@ def gym_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def started() -> Iterator[list[RelayServer]]:
-    servers: list[RelayServer] = []
-    yield servers
-    for server in servers:
-        server.stop()
-
-
 def test_install_writes_a_gym_model_server(gym_root: Path) -> None:
     server = gym_root / SERVER
     config = yaml.safe_load((server / "configs" / "relay_model.yaml").read_text())
     # Gym's openai_model.yaml with the implementation renamed: the same keys, the same placeholders.
-    assert config == {
-        "policy_model": {
-            "responses_api_models": {
-                "relay_model": {
-                    "entrypoint": "app.py",
-                    "openai_base_url": "${policy_base_url}",
-                    "openai_api_key": "${policy_api_key}",
-                    "openai_model": "${policy_model_name}",
-                    "openai_default_headers": {},
-                    "drop_input_reasoning_items": "${oc.env:POLICY_DROP_REASONING_ITEMS,false}",
-                }
-            }
-        }
-    }
+    assert config == model_server("relay_model")
     requirements = [line for line in (server / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     assert requirements == [f"relay @ {ROOT.as_uri()}"]
     compile((server / "app.py").read_text(), "app.py", "exec")

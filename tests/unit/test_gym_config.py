@@ -15,28 +15,11 @@ import yaml
 
 from relay.config import CONFIG_ENV, ENV_FILE_ENV, FROM_GYM_ENV, GYM_CONFIG_DICT_ENV, GYM_CONFIG_PATH_ENV, ConfigError, load_settings
 from relay.settings import GYM_RETRY_STATUSES, RetryPolicy
+from tests.gym_configs import MCQA, model_server
 
 SECRET = "sk-gym-SECRET-never-printed"
 
-# Gym's responses_api_models/openai_model/configs/openai_model.yaml, as shipped.
-OPENAI_MODEL = {
-    "policy_model": {
-        "responses_api_models": {
-            "openai_model": {
-                "entrypoint": "app.py",
-                "openai_base_url": "${policy_base_url}",
-                "openai_api_key": "${policy_api_key}",
-                "openai_model": "${policy_model_name}",
-                "openai_default_headers": {},
-                "drop_input_reasoning_items": "${oc.env:POLICY_DROP_REASONING_ITEMS,false}",
-            }
-        }
-    }
-}
-MCQA = {
-    "mcqa": {"resources_servers": {"mcqa": {"entrypoint": "app.py", "domain": "knowledge"}}},
-    "mcqa_simple_agent": {"responses_api_agents": {"simple_agent": {"entrypoint": "app.py", "model_server": {"type": "responses_api_models", "name": "policy_model"}}}},
-}
+OPENAI_MODEL = model_server("openai_model")
 ENV = {"policy_base_url": "http://127.0.0.1:9/v1", "policy_api_key": SECRET, "policy_model_name": "gym-model"}
 
 
