@@ -44,7 +44,7 @@ from relay.relaying import ResponseRelay
 from relay.retry import Retrier
 from relay.probe import keep_probing
 from relay.rollouts import RolloutPrefix
-from relay.routes import AllowMethods, ExactPath, ModelInfo, Readiness, StaticJSON, UpstreamsView
+from relay.routes import HEALTHY, AllowMethods, ExactPath, ModelInfo, Readiness, StaticJSON, UpstreamsView
 from relay.seams import SeamError, check
 from relay.settings import Settings, endpoint_defaults
 from relay.slots import Slots
@@ -69,7 +69,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     retrier = Retrier(settings.retry, failover=len(fleet.members) > 1)
     shared = _Shared(settings, fleet, slots, retrier, helper, allowed, cluster.gate if cluster is not None else None)
     model = {"id": settings.openai_model, "object": "model", "created": 0, "owned_by": "relay"}
-    healthy = StaticJSON(orjson.dumps({"status": "ok"}))
+    healthy = StaticJSON(HEALTHY)
     # The API paths come first: the router tries routes in order. Proxy answers methods other than POST.
     routes: list[BaseRoute] = [
         *(ExactPath(f"/v1{path}", _proxy(path, shared)) for path in API_PATHS),
@@ -95,7 +95,7 @@ def create_app(settings: Settings, resolver: aiohttp.abc.AbstractResolver | None
     )
     capture = None
     if settings.capture_dir is not None:
-        capture = CaptureStore(settings.capture_dir, settings.name, settings.model_call_capture_max_bytes)
+        capture = CaptureStore(settings.capture_dir, settings.name, settings.model_call_capture_max_bytes, settings.max_request_bytes)
         summary += f"; model calls under /ng-rollout/<id>/ captured to {settings.capture_dir}"
     opens = [u.open for u in upstreams]
     closes = [*(u.close for u in upstreams), helper.close, *((capture.close,) if capture else ())]
@@ -140,7 +140,7 @@ def _proxy(path: str, shared: _Shared) -> Proxy:
         cache_key=affinity,
     )
     patcher = Patcher(rules, settings.offload_body_bytes, shared.helper)
-    redact = settings.openai_api_key if settings.log_bodies else None
+    redact = settings.secrets if settings.log_bodies else None
     intake = Intake(
         full_path, patcher, settings.max_request_bytes, settings.request_body_timeout, shared.allowed, redact,
         affinity, settings.routing.session_cookie,

@@ -142,9 +142,7 @@ class Attempts:
     def done(self, member: Member, watchdog: Watchdog, record: RequestRecord) -> None:
         """The answer has been relayed, or given up on: its slots are free, and a body the upstream broke
         off or went silent in counts against it."""
-        member.in_flight -= 1
-        if member.slots is not None:
-            member.slots.release()
+        _leave(member)
         self.slots.release()
         if self.cluster is not None:
             self.cluster.release(record, answered=True)
@@ -158,9 +156,7 @@ class Attempts:
         record.upstream = member.label
 
     def _give_back(self, member: Member, watchdog: Watchdog) -> None:
-        member.in_flight -= 1
-        if member.slots is not None:
-            member.slots.release()
+        _leave(member)
         if watchdog.reason == UPSTREAM_SILENT:  # it took read_timeout without answering
             member.health.failed()
         else:
@@ -222,3 +218,10 @@ class _Later(NamedTuple):
 
 
 _UNANSWERED = _Later(0.0, "")  # what a round that raised ended with
+
+
+def _leave(member: Member) -> None:
+    """The request no longer counts on this upstream: its in-flight count and its own cap."""
+    member.in_flight -= 1
+    if member.slots is not None:
+        member.slots.release()

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Collection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.metrics import refused
+from relay.paths import route_path
 from relay.replies import send_error
 
 _CHALLENGE = ((b"www-authenticate", b"Bearer"),)
@@ -26,7 +27,7 @@ class RequireKey:
         self.open_paths = frozenset(open_paths)
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self._allowed(scope["headers"]):
+        if scope["type"] != "http" or route_path(scope) in self.open_paths or self._allowed(scope["headers"]):
             return self.app(scope, receive, send)
         return _refuse(send)
 
@@ -39,9 +40,9 @@ class RequireKey:
                     token = b""
                 break
         # Compare with every key, without stopping at a match, so timing tells nothing about which.
-        matched = False
+        token, matched = token.strip(), False
         for key in self.keys:
-            matched |= hmac.compare_digest(token.strip(), key)
+            matched |= hmac.compare_digest(token, key)
         return matched
 
 

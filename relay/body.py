@@ -33,14 +33,9 @@ class Rules:
     cache_key: bool = False  # return the body's prompt_cache_key (a conversation key for relay.fleet)
 
 
-def patch(raw: bytes, rules: Rules) -> bytes:
+def patch(raw: bytes, rules: Rules) -> tuple[bytes, str | None]:
     """Set `model`, add each default the request does not set (an explicit null counts as set), apply
-    the endpoint's rewrites."""
-    return patch_keyed(raw, rules)[0]
-
-
-def patch_keyed(raw: bytes, rules: Rules) -> tuple[bytes, str | None]:
-    """patch(), and the body's prompt_cache_key when `rules.cache_key` asks for it."""
+    the endpoint's rewrites; and the body's prompt_cache_key when `rules.cache_key` asks for it."""
     try:
         request = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

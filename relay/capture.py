@@ -54,10 +54,11 @@ class Call:
 
 
 class CaptureStore:
-    def __init__(self, directory: str, server: str | None, max_bytes: int) -> None:
+    def __init__(self, directory: str, server: str | None, max_bytes: int, max_request_bytes: int) -> None:
         self.directory = directory
         self.server = server
         self.max_bytes = max_bytes
+        self.max_request_bytes = max_request_bytes
         self.writers = ThreadPoolExecutor(_WRITERS, thread_name_prefix="relay-capture")
 
     async def serve(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, rollout_id: str, dialect: str) -> None:
@@ -113,7 +114,7 @@ class CaptureStore:
 
     def _write(self, rollout_id: str, seen: Seen) -> None:
         try:
-            line = orjson.dumps(exchange(seen), default=str, option=orjson.OPT_APPEND_NEWLINE)
+            line = orjson.dumps(exchange(seen, self.max_request_bytes, self.max_bytes), default=str, option=orjson.OPT_APPEND_NEWLINE)
             append(os.path.join(self.directory, f"{rollout_id}.capture.jsonl"), line)
         except Exception:
             log.warning("relay: model-call capture failed for rollout %s", rollout_id, exc_info=True)
@@ -144,7 +145,7 @@ def _seen(call: Call, scope: Scope, dialect: str, server: str | None, started_at
     record = call.record
     ended_by = None
     if record is not None and not call.finished:
-        ended_by = "cancelled" if record.client_gone else ("timeout" if record.error in ("read_timeout", "total_timeout") else "connection")
+        ended_by = "cancelled" if record.client_gone else ("timeout" if record.timed_out else "connection")
     headers = scope["headers"]
     return Seen(
         model_call_id=uuid.uuid4().hex,

@@ -16,8 +16,9 @@ from typing import Any
 
 import orjson
 
+from relay.inflate import WINDOW_BITS, TooLarge, inflate
+
 _EVENT_BREAK = re.compile(r"\r?\n\r?\n")
-_DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 # Stream ends, per dialect: what the last event says about the call (None: it completed).
 _RESPONSES_ENDS = {"response.completed": None, "response.incomplete": "incomplete", "response.failed": "upstream_error", "error": "upstream_error"}
 
@@ -45,9 +46,10 @@ class Seen:
     session: str | None  # the request's one x-session-id
 
 
-def exchange(seen: Seen) -> dict[str, Any]:
-    request, request_raw = _request(seen)
-    response, response_raw, category = _response(seen)
+def exchange(seen: Seen, request_limit: int, body_limit: int) -> dict[str, Any]:
+    """The record; a compressed body is read back to at most its limit (a zip bomb stays a few bytes)."""
+    request, request_raw = _request(seen, request_limit)
+    response, response_raw, category = _response(seen, body_limit)
     record: dict[str, Any] = {
         "model_call_id": seen.model_call_id,
         "dialect": seen.dialect,
@@ -87,22 +89,22 @@ def status_category(status: int) -> str | None:
     return "client_error" if status < 500 else "upstream_error"
 
 
-def _request(seen: Seen) -> tuple[dict[str, Any] | None, str | None]:
+def _request(seen: Seen, limit: int) -> tuple[dict[str, Any] | None, str | None]:
     """The client's body as parsed JSON (before the relay set the model and defaults), else as text."""
-    raw = _decoded(seen.request, seen.request_encoding)
+    raw = _decoded(seen.request, seen.request_encoding, limit)
     if not raw:
         return None, None
     parsed = _json(raw)
     return (parsed, None) if isinstance(parsed, dict) else (None, raw.decode("utf-8", "replace"))
 
 
-def _response(seen: Seen) -> tuple[dict[str, Any] | None, str | None, str | None]:
+def _response(seen: Seen, limit: int) -> tuple[dict[str, Any] | None, str | None, str | None]:
     """The served response object (None for an error or a body the relay cannot read), the body as text
     where Gym keeps it (streams, errors, anything unparsed), and the call's error_category."""
     if seen.status is None:
         return None, None, seen.ended_by or "cancelled"
     category = status_category(seen.status)
-    body = _decoded(seen.body, seen.body_encoding)
+    body = _decoded(seen.body, seen.body_encoding, limit, partial=seen.truncated or not seen.finished)
     if body is None:  # an encoding the relay cannot undo (br, zstd): the bytes mean nothing as text
         return None, None, category or "capture_parse_error"
     text = body.decode("utf-8", "replace") if body else None
@@ -122,19 +124,17 @@ def _response(seen: Seen) -> tuple[dict[str, Any] | None, str | None, str | None
     return None, text, "capture_parse_error" if body else None
 
 
-def _decoded(data: bytes, encoding: str | None) -> bytes | None:
+def _decoded(data: bytes, encoding: str | None, limit: int, partial: bool = False) -> bytes | None:
+    """The body as the client or the upstream meant it; None when the relay cannot undo its encoding."""
     if not encoding or encoding == "identity" or not data:
         return data
-    bits = _DECODERS.get(encoding)
+    bits = WINDOW_BITS.get(encoding)
     if bits is None:
         return None
     try:
-        return zlib.decompressobj(bits).decompress(data)
-    except zlib.error:
-        try:
-            return zlib.decompressobj(-15).decompress(data)  # deflate without its zlib header
-        except zlib.error:
-            return None
+        return inflate(data, bits, limit, partial)
+    except (zlib.error, TooLarge):
+        return None
 
 
 def _json(raw: bytes) -> Any:

@@ -14,16 +14,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import aiohttp
-from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.headers import Header
 from relay.upstream import NotSent
 
 NOT_SENT, MAYBE_SENT, NEVER = "not_sent", "maybe_sent", "never"
-
-# The exceptions an attempt at the upstream may end with, before its answer's head.
-UPSTREAM_ERRORS = (aiohttp.ClientError, HttpProcessingError)
-
 
 class Failure(NamedTuple):
     kind: str  # the metrics label and the access log's `error`
@@ -56,7 +51,7 @@ class Failures:
         )
 
     def classify(self, exc: BaseException) -> Failure:
-        """What a failure before the response's head means; `exc` is one of UPSTREAM_ERRORS."""
+        """What a failure before the response's head means; `exc` is one of relay.upstream.UPSTREAM_ERRORS."""
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             return self.connect_timeout
         if isinstance(exc, aiohttp.ClientConnectorDNSError):

@@ -110,6 +110,3 @@ class Fleet:
             }
             for m in self.members
         ]
-
-    def in_flight(self) -> int:
-        return sum(m.in_flight for m in self.members)

@@ -17,6 +17,7 @@ from relay.body import InvalidBody
 from relay.client_connection import CLIENT_KEY, ClientConnection
 from relay.host_names import HostNames
 from relay.metrics import refused
+from relay.inflate import WINDOW_BITS, TooLarge, inflate
 from relay.observe import RequestRecord
 from relay.patcher import Patcher
 from relay.replies import send_error
@@ -24,16 +25,10 @@ from relay.replies import send_error
 log = logging.getLogger("relay")
 
 _CLOSE = ((b"connection", b"close"),)
-# zlib's window bits: gzip framing, or zlib framing (what "deflate" means in HTTP; some send it raw).
-_DECODERS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}
 _THREAD_BYTES = 256 * 1024  # compressed bodies this big are inflated off the event loop (zlib frees the GIL)
 
 
 class _ClientGone(Exception):
-    pass
-
-
-class _TooLarge(Exception):
     pass
 
 
@@ -45,7 +40,7 @@ class Intake:
         max_body: int,
         body_timeout: float | None,
         origins: HostNames | None,
-        redact: str | None,
+        redact: tuple[str, ...] | None,
         affinity: bool = False,
         session_cookie: str | None = None,
     ) -> None:
@@ -54,7 +49,7 @@ class Intake:
         self.max_body = max_body
         self.body_timeout = body_timeout
         self.origins = origins  # None: any Origin (allowed_hosts: "*")
-        self.redact = redact  # with log_bodies: the API key, which never appears in a log line
+        self.redact = redact  # with log_bodies: the keys, which never appear in a log line
         self.affinity = affinity  # find the conversation's key (several upstreams)
         self.session_cookie = session_cookie.encode() if session_cookie else None
 
@@ -66,7 +61,8 @@ class Intake:
             return await self._refuse(send, record, 403, "requests from web pages of other origins are refused", "invalid_origin")
         if content_type is not None and content_type.split(b";", 1)[0].strip().lower() != b"application/json":
             return await self._refuse(send, record, 415, "Content-Type must be application/json", "unsupported_media_type")
-        if encoding is not None and encoding.strip().lower() not in (*_DECODERS, b"identity"):
+        coding = None if encoding is None else encoding.strip().lower().decode("latin-1")
+        if coding is not None and coding != "identity" and coding not in WINDOW_BITS:
             message = "Content-Encoding must be gzip, deflate or identity"
             return await self._refuse(send, record, 415, message, "unsupported_content_encoding")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -79,12 +75,12 @@ class Intake:
             else:
                 raw = await _read_body(receive, self.max_body, self.body_timeout)
             record.bytes_in = len(raw)
-            if encoding is not None and encoding.strip().lower() in _DECODERS:
-                raw = await _inflate(raw, _DECODERS[encoding.strip().lower()], self.max_body)
+            if coding in WINDOW_BITS:
+                raw = await _inflate(raw, WINDOW_BITS[coding], self.max_body)
         except _ClientGone:
             record.status, record.client_gone = 499, True  # nginx's "client closed request"
             return None
-        except _TooLarge:
+        except TooLarge:
             return await self._too_large(send, record)
         except TimeoutError:
             # A client that trickles its body (slowloris) would hold a connection and a task forever.
@@ -98,8 +94,8 @@ class Intake:
             return await self._refuse(send, record, 400, str(exc), "invalid_json")
         if self.affinity:
             self._conversation(record, session, cache_key, scope.get(ROLLOUT_KEY), cookies)
-        if self.redact is not None:
-            log.debug("request body to %s: %s", self.path, body.decode("utf-8", "replace").replace(self.redact, "[redacted]"))
+        if self.redact is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("request body to %s: %s", self.path, _redacted(body.decode("utf-8", "replace"), self.redact))
         return body
 
     def _conversation(
@@ -153,6 +149,12 @@ def _same_site(origin: bytes, names: HostNames) -> bool:
     return bool(separator) and names.allows(authority)
 
 
+def _redacted(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
 async def _read_body(receive: Receive, limit: int, timeout: float | None) -> bytes:
     if timeout is None:
         return await _read_chunks(receive, limit)
@@ -170,7 +172,7 @@ async def _read_chunks(receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise TooLarge
         if not message.get("more_body", False):
             if not chunks:
                 return chunk
@@ -180,23 +182,9 @@ async def _read_chunks(receive: Receive, limit: int) -> bytes:
 
 
 async def _inflate(raw: bytes, window_bits: int, limit: int) -> bytes:
-    """The decompressed body; over `limit` bytes (a zip bomb included) is _TooLarge."""
+    """The decompressed body, off the event loop when it is big; over `limit` bytes is TooLarge."""
     if len(raw) >= _THREAD_BYTES:
-        return await asyncio.to_thread(_inflate_now, raw, window_bits, limit)
-    return _inflate_now(raw, window_bits, limit)
+        return await asyncio.to_thread(inflate, raw, window_bits, limit)
+    return inflate(raw, window_bits, limit)
 
 
-def _inflate_now(raw: bytes, window_bits: int, limit: int) -> bytes:
-    decoder = zlib.decompressobj(window_bits)
-    try:
-        body = decoder.decompress(raw, limit + 1)
-    except zlib.error:
-        if window_bits != 15:
-            raise
-        decoder = zlib.decompressobj(-15)  # "deflate" sent without its zlib header, as some clients do
-        body = decoder.decompress(raw, limit + 1)
-    if len(body) > limit or decoder.unconsumed_tail:
-        raise _TooLarge
-    if not decoder.eof:
-        raise zlib.error("truncated")
-    return body

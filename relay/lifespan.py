@@ -38,24 +38,45 @@ def lifespan(
         _tune_garbage_collector()
         for open_ in opens:
             await open_()
-        running = [asyncio.create_task(task()) for task in tasks]
+        running = [_start(task()) for task in tasks]
         log.info("%s", summary)
         try:
             yield
         finally:
             for task in running:
                 task.cancel()
-            for task in running:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*running, return_exceptions=True)  # a dead one was logged as it died
             for close in closes:
-                result = close()
-                if result is not None:
-                    await result
+                await _close(close)
             if flush_metrics is not None:
                 flush_metrics()
 
     return run
+
+
+def _start(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = asyncio.create_task(coroutine, name=coroutine.__qualname__)
+    task.add_done_callback(_report_death)
+    return task
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    # A background task runs until shutdown: ending before it, with or without an error, is a bug whose
+    # cost (no more probes, metrics or lease renewals) must not stay silent.
+    if task.cancelled():
+        return
+    error = task.exception()
+    log.error("relay: background task %s ended early; restart the relay", task.get_name(), exc_info=error)
+
+
+async def _close(close: Callable[[], Awaitable[None] | None]) -> None:
+    """One close; its failure is logged and the other closes still run (pools, capture, cluster leases)."""
+    try:
+        result = close()
+        if result is not None:
+            await result
+    except Exception:
+        log.exception("relay: shutdown step %s failed", getattr(close, "__qualname__", close))
 
 
 def _warn_without_head_limits() -> None:

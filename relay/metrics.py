@@ -202,7 +202,9 @@ def metrics() -> Metrics:
 
 
 def refused(reason: str) -> None:
-    metrics().refused.labels(reason).inc()
+    """Counted where the app made the metrics (`metrics: true`); a refusal never makes them itself."""
+    if metrics.cache_info().currsize:
+        metrics().refused.labels(reason).inc()
 
 
 async def keep_flushing(flush: Callable[[], None]) -> None:

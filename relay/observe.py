@@ -41,6 +41,7 @@ class RequestRecord:
     rollout_id: str | None = None  # NeMo Gym's rollout (the /ng-rollout/<id>/ prefix), for the access log
     tried: tuple[Any, ...] = ()  # the upstreams it failed over from (relay.fleet.Member)
     stale_resent: bool = False  # it went again after the keep-alive race (once at most)
+    timed_out: bool = False  # a deadline of relay.deadlines ended it, before or during the answer
     admission: object | None = None  # the cluster slot and budget the request holds (relay.cluster)
     _tokens: object = _UNREAD
 

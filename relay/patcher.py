@@ -11,7 +11,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from relay.body import Rules, patch_keyed
+from relay.body import Rules, patch
 
 log = logging.getLogger("relay")
 
@@ -32,7 +32,7 @@ class Patcher:
 
     def __call__(self, raw: bytes) -> tuple[bytes, str | None]:
         """The patched body, and its prompt_cache_key when the rules ask for it."""
-        return patch_keyed(raw, self.rules)
+        return patch(raw, self.rules)
 
     def is_big(self, raw: bytes) -> bool:
         return self.offload_bytes is not None and len(raw) >= self.offload_bytes
@@ -53,7 +53,7 @@ class Helper:
             self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper)
         pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, patch_keyed, raw, rules)
+            return await asyncio.get_running_loop().run_in_executor(pool, patch, raw, rules)
         except BrokenProcessPool:
             # The helper died (killed, out of memory): patch this one here, and start a new helper next
             # time (unless a request that failed earlier already did).
@@ -61,7 +61,7 @@ class Helper:
                 log.warning("relay: the body patch helper process died; a new one starts with the next big body")
                 self._pool = None
                 pool.shutdown(wait=False)
-            return patch_keyed(raw, rules)
+            return patch(raw, rules)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -108,6 +108,7 @@ class Proxy:
         assert reason is not None
         timed_out = self.timed_out.get(reason)
         if timed_out is not None:
+            record.timed_out = True
             if record.status == 0:
                 self.observer.upstream_failed(record, timed_out.kind)
                 log.warning("upstream error on %s -> %d: %s", self.path, timed_out.status, timed_out.message)

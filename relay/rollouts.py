@@ -18,7 +18,8 @@ from starlette.types import Receive, Scope, Send
 from relay.affinity import ROLLOUT_KEY
 from relay.capture import DIALECTS, CaptureStore
 from relay.replies import error_body, send_json
-from relay.routes import not_found, route_path
+from relay.paths import route_path
+from relay.routes import not_found
 
 PREFIX = "/ng-rollout/"
 TOKEN_CAPTURE = "/training-token-capture"  # Gym's training token-id capture; hosted APIs return no token ids

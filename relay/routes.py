@@ -11,16 +11,10 @@ from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.fleet import Fleet
+from relay.paths import route_path
 from relay.replies import allow_header, error_body, send_error, send_json, send_not_allowed
 
-
-def route_path(scope: Scope) -> str:
-    """The path below the app's root_path, which uvicorn includes in `path`."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :]
-    return path
+HEALTHY = orjson.dumps({"status": "ok"})  # what the health paths answer while the process is up
 
 
 class ExactPath(BaseRoute):
@@ -99,11 +93,10 @@ class Readiness:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.ok = orjson.dumps({"status": "ok"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fleet.ready():
-            await send_json(send, 200, self.ok)
+            await send_json(send, 200, HEALTHY)
             return
         states = "; ".join(
             f"{u['upstream']} {u['state']} ({u['failures_in_a_row']} failures in a row, last: {u['last_error'] or 'probe'})"

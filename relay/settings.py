@@ -140,6 +140,12 @@ class Settings:
     cluster: Cluster | None = None  # cluster-wide limits on Redis; None: per-process limits only
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every key the relay holds (upstream keys, client keys): what no log line may show."""
+        upstream_keys = (spec.api_key for spec in self.upstreams if spec.api_key)
+        return tuple(dict.fromkeys((self.openai_api_key, *upstream_keys, *self.relay_api_keys)))
+
+    @property
     def upstreams(self) -> tuple[UpstreamSpec, ...]:
         """`openai_base_url` as entries: a single URL is one entry."""
         if isinstance(self.openai_base_url, str):

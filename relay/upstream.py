@@ -18,12 +18,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from relay.headers import Header
+from relay.headers import NOT_FORWARDED_UPSTREAM, Header
 from relay.seams import aiohttp_internals as seam
 from relay.seams.aiohttp_internals import Connection, RawResponseMessage, ResponseHandler
 from relay.settings import Settings
 
 _SMALL_BODY = 64 * 1024  # a request body this small leaves in one write: the kernel takes it at once
+# The exceptions an attempt at the upstream may end with, before its answer's head (relay.failures).
+UPSTREAM_ERRORS = (aiohttp.ClientError, HttpProcessingError)
 
 
 class Response:
@@ -135,6 +137,8 @@ class Endpoint:
         overridable.update(upstream.default_headers)
         self._defaults = {name.lower().encode(): f"{name}: {value}\r\n".encode() for name, value in overridable.items()}
         self._default_block = b"".join(self._defaults.values())
+        # Only these can meet a client's header of the same name: the others never reach the head.
+        self._overridable = frozenset(self._defaults) - NOT_FORWARDED_UPSTREAM
         self._key: aiohttp.ClientRequest | None = None  # what connector.connect() keys its pool on
 
     async def post(
@@ -156,7 +160,7 @@ class Endpoint:
             message, payload = await seam.final_answer(protocol)
         except BaseException as exc:
             seam.drop(connection)
-            if isinstance(exc, (aiohttp.ClientError, HttpProcessingError)):
+            if isinstance(exc, UPSTREAM_ERRORS):
                 raise Unanswered(exc, reused) from exc
             raise
         return Response(connection, message, payload, len(body))
@@ -193,9 +197,9 @@ class Endpoint:
     def _head(self, query: bytes, headers: list[Header], length: int) -> bytes:
         target = self._path + b"?" + query if query else self._path
         defaults = self._default_block
-        if headers:
+        if headers and self._overridable:
             sent = {name for name, _ in headers}
-            if not sent.isdisjoint(self._defaults):  # the client's own value wins over a configured default
+            if not sent.isdisjoint(self._overridable):  # the client's own value wins over a configured default
                 defaults = b"".join(line for name, line in self._defaults.items() if name not in sent)
         return b"".join(
             (b"POST ", target, b" HTTP/1.1\r\n", self._fixed, defaults,

@@ -25,7 +25,7 @@ from tests.clients import (
     post,
     requests_seen,
 )
-from tests.servers import API_KEY, RelayServer
+from tests.servers import API_KEY, PLAIN_UVICORN, RelayServer
 
 RelayFactory = Callable[..., RelayServer]
 # Distinctive, so a search of the log or of the upstream's headers cannot match anything else.
@@ -105,6 +105,15 @@ def test_health_paths_are_open(guarded_metrics: RelayServer, path: str) -> None:
     reply = get(guarded_metrics, path)
     assert reply.status == 200
     assert reply.json() == {"status": "ok"}
+
+
+def test_health_paths_stay_open_under_a_root_path(relay_factory: RelayFactory, upstream: UpstreamThread) -> None:
+    # uvicorn --root-path (a relay mounted below a prefix by a proxy in front) puts the root in `path`.
+    mounted = relay_factory(relay_api_keys=list(KEYS), launcher=PLAIN_UVICORN, args=("--root-path", "/relay"))
+    for path in HEALTH_PATHS:
+        assert get(mounted, path).status == 200, path
+    assert_refused(post(mounted, CHAT_BODY, CHAT), upstream)
+    assert_chat_completion(post(mounted, CHAT_BODY, CHAT, bearer(KEYS[0])))
 
 
 def test_metrics_are_open_by_default(guarded: RelayServer) -> None:

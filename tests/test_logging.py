@@ -122,6 +122,18 @@ def test_logged_body_has_the_api_key_redacted(relay_factory: RelayFactory) -> No
     assert API_KEY not in server.log()
 
 
+def test_logged_body_has_every_key_redacted(relay_factory: RelayFactory, upstream: UpstreamThread) -> None:
+    client_key, other_key = "relay-client-key-5c1e", "sk-second-upstream-9f3a"
+    second = {"url": f"http://127.0.0.1:{free_port()}/v1", "api_key": other_key}  # nothing listens: failed over
+    server = relay_factory(**CONFIGS["json"], relay_api_keys=[client_key], openai_base_url=[upstream.base_url, second])
+    content = f"marker-51b0 {API_KEY} {client_key} {other_key} ok"
+    body = json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+    assert_chat_completion(post(server, body, headers={"Authorization": f"Bearer {client_key}"}))
+    (logged_body,) = server.wait_for_log(r"request body to /v1/chat/completions: (.*marker-51b0.*)$")
+    assert "marker-51b0 [redacted] [redacted] [redacted] ok" in logged_body.group(1)
+    assert not any(key in server.log() for key in (API_KEY, client_key, other_key))
+
+
 def test_bodies_are_not_logged_without_log_bodies(relay_factory: RelayFactory) -> None:
     server = relay_factory(**CONFIGS["plain"])
     assert_chat_completion(post(server, b'{"messages":[{"role":"user","content":"marker-55c0"}]}'))

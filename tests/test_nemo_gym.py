@@ -23,7 +23,7 @@ import yaml
 from relay.testing import UpstreamThread
 from tests.capture_schema import check_record
 from tests.gym_configs import MCQA, model_server
-from tests.clients import CHAT, RESPONSES, assert_openai_error, get, post, requests_seen
+from tests.clients import CHAT, RESPONSES, assert_openai_error, connect, get, post, post_bytes, read_head, read_to_end, requests_seen
 from tests.servers import API_KEY, ROOT, RelayServer, wait_healthy
 
 MODEL = "gym-test-model"
@@ -219,6 +219,21 @@ def test_errors_and_oversized_answers_are_captured(gym_relay: RelayServer, captu
     assert big.status == 200 and len(big.body) > 16384  # the client gets all of it
     (capped,) = capture_lines(captures, "big-1")
     assert capped["response_raw_truncated"] is True and capped["response"] is None and len(capped["response_raw"]) == 16384
+
+
+def test_a_stream_cut_by_a_deadline_is_captured_as_a_timeout(tmp_path: Path, upstream: UpstreamThread, started: list[RelayServer]) -> None:
+    captured = tmp_path / "captures"
+    top = {"observability_enabled": True, "model_call_capture_dir": str(captured)}
+    started.append(start_gym_relay(tmp_path / "relay", upstream.base_url, [policy(read_timeout=0.3), top]))
+    stalls = {"x-fake-events": "3", "x-fake-event-delay-ms": "1500"}  # the first gap outlasts read_timeout
+    with connect(started[0].port) as sock:
+        sock.sendall(post_bytes(b'{"input":"hi","stream":true}', f"/ng-rollout/stall-1{RESPONSES}", stalls))
+        response = read_head(sock)
+        assert response.status == 200
+        _, complete = read_to_end(response)
+    assert not complete
+    (record,) = capture_lines(captured, "stall-1")
+    assert (record["status_code"], record["error_category"], record["response"]) == (200, "timeout", None)
 
 
 def test_calls_of_one_rollout_append_to_its_file(gym_relay: RelayServer, captures: Path) -> None:

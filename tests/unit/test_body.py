@@ -10,8 +10,13 @@ import signal
 import orjson
 import pytest
 
-from relay.body import InvalidBody, Rules, patch, patch_keyed
+from relay.body import InvalidBody, Rules, patch
 from relay.patcher import Helper, Patcher
+
+
+def body_of(raw: bytes, rules: Rules) -> bytes:
+    return patch(raw, rules)[0]
+
 
 MODEL = "configured-model"
 RULES = Rules(MODEL)
@@ -19,7 +24,7 @@ RULES = Rules(MODEL)
 
 def patched(raw: bytes | str, extra_body: dict | None = None) -> dict:
     data = raw.encode() if isinstance(raw, str) else raw
-    return json.loads(patch(data, Rules(MODEL, extra_body or {})))
+    return json.loads(body_of(data, Rules(MODEL, extra_body or {})))
 
 
 def test_model_is_overwritten_or_added() -> None:
@@ -47,13 +52,13 @@ def test_everything_else_is_kept_unknown_fields_included() -> None:
     ["123456789012345678901234567890", "18446744073709551616", "-9223372036854775809", "18446744073709551615"],
 )
 def test_integers_beyond_64_bits_stay_exact(literal: str) -> None:
-    out = patch(f'{{"seed": {literal}, "note": "e+ in a string"}}'.encode(), RULES)
+    out = body_of(f'{{"seed": {literal}, "note": "e+ in a string"}}'.encode(), RULES)
     assert json.loads(out)["seed"] == int(literal)
     assert literal.encode() in out
 
 
 def test_lone_surrogate_escape_survives() -> None:
-    out = patch(b'{"content": "\\ud800 x"}', RULES)
+    out = body_of(b'{"content": "\\ud800 x"}', RULES)
     assert json.loads(out)["content"] == "\ud800 x"
 
 
@@ -73,7 +78,7 @@ def test_lone_surrogate_escape_survives() -> None:
 )
 def test_invalid_bodies_are_rejected_with_a_reason(raw: bytes, fragment: str) -> None:
     with pytest.raises(InvalidBody, match=fragment):
-        patch(raw, RULES)
+        body_of(raw, RULES)
 
 
 @pytest.mark.parametrize("depth", [300, 1000, 100_000])
@@ -82,7 +87,7 @@ def test_deep_nesting_is_patched_or_rejected_never_an_exception(depth: int) -> N
     # past Python's recursion limit the body is refused as a 400, not a 500.
     raw = b'{"tools":' + b"[" * depth + b"]" * depth + b"}"
     try:
-        assert json.loads(patch(raw, RULES))["model"] == MODEL
+        assert json.loads(body_of(raw, RULES))["model"] == MODEL
     except InvalidBody as exc:
         assert "nested too deeply" in str(exc)
         assert depth >= 1000
@@ -111,11 +116,11 @@ def test_patcher_recovers_when_its_helper_process_dies(caplog: pytest.LogCapture
 
 def test_reasoning_items_leave_the_input_only_when_asked() -> None:
     raw = b'{"input": [{"type": "reasoning", "id": "rs_1"}, {"type": "message", "role": "user"}, "text"]}'
-    kept = json.loads(patch(raw, RULES))["input"]
-    dropped = json.loads(patch(raw, Rules(MODEL, drop_reasoning_items=True)))["input"]
+    kept = json.loads(body_of(raw, RULES))["input"]
+    dropped = json.loads(body_of(raw, Rules(MODEL, drop_reasoning_items=True)))["input"]
     assert [item if isinstance(item, str) else item["type"] for item in kept] == ["reasoning", "message", "text"]
     assert dropped == [{"type": "message", "role": "user"}, "text"]
-    assert json.loads(patch(b'{"input": "hi"}', Rules(MODEL, drop_reasoning_items=True)))["input"] == "hi"
+    assert json.loads(body_of(b'{"input": "hi"}', Rules(MODEL, drop_reasoning_items=True)))["input"] == "hi"
 
 
 @pytest.mark.parametrize(
@@ -129,14 +134,14 @@ def test_reasoning_items_leave_the_input_only_when_asked() -> None:
     ],
 )
 def test_stream_usage_is_asked_for_unless_the_client_said(body: dict, expected: dict | None) -> None:
-    patched_body = json.loads(patch(orjson.dumps(body), Rules(MODEL, stream_usage=True)))
+    patched_body = json.loads(body_of(orjson.dumps(body), Rules(MODEL, stream_usage=True)))
     assert patched_body.get("stream_options") == expected
-    assert "stream_options" not in json.loads(patch(orjson.dumps({"stream": True}), RULES))
+    assert "stream_options" not in json.loads(body_of(orjson.dumps({"stream": True}), RULES))
 
 
 def test_the_prompt_cache_key_comes_back_only_when_asked() -> None:
     raw = b'{"prompt_cache_key": "conv-17", "input": "hi"}'
-    assert patch_keyed(raw, Rules(MODEL, cache_key=True)) == (patch(raw, RULES), "conv-17")
-    assert patch_keyed(raw, RULES)[1] is None
-    assert patch_keyed(b'{"prompt_cache_key": 17}', Rules(MODEL, cache_key=True))[1] is None
-    assert patch_keyed(b'{"prompt_cache_key": "k", "seed": 123456789012345678901234567890}', Rules(MODEL, cache_key=True))[1] == "k"
+    assert patch(raw, Rules(MODEL, cache_key=True)) == (body_of(raw, RULES), "conv-17")
+    assert patch(raw, RULES)[1] is None
+    assert patch(b'{"prompt_cache_key": 17}', Rules(MODEL, cache_key=True))[1] is None
+    assert patch(b'{"prompt_cache_key": "k", "seed": 123456789012345678901234567890}', Rules(MODEL, cache_key=True))[1] == "k"

@@ -21,6 +21,12 @@ from tests.capture_schema import check_record
 
 RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "model": "m", "output": [], "usage": {"input_tokens": 3, "output_tokens": 2}}
 
+LIMIT = 1024 * 1024
+
+
+def record_of(call: Seen, limit: int = LIMIT) -> dict[str, Any]:
+    return exchange(call, request_limit=limit, body_limit=limit)
+
 
 def seen(**overrides: Any) -> Seen:
     values: dict[str, Any] = dict(
@@ -42,7 +48,7 @@ def sse(*events: tuple[str | None, Any]) -> bytes:
 
 
 def test_a_json_answer() -> None:
-    record = check_record(exchange(seen(session="sess-1")))
+    record = check_record(record_of(seen(session="sess-1")))
     assert record["request"] == {"input": "hi", "model": "ignored"}  # the client's body, before the relay patched it
     assert record["response"] == RESPONSE and record["status_code"] == 200 and record["error_category"] is None
     assert record["model_ref"] == {"type": "responses_api_models", "name": "policy_model"}
@@ -52,10 +58,10 @@ def test_a_json_answer() -> None:
 
 def test_an_upstream_error_keeps_its_body_as_text() -> None:
     body = b'{"error":{"message":"slow down","code":"rate_limit_exceeded"}}'
-    record = check_record(exchange(seen(status=429, body=body)))
+    record = check_record(record_of(seen(status=429, body=body)))
     assert record["response"] is None and record["response_raw"] == body.decode() and record["error_category"] == "rate_limit"
-    assert exchange(seen(status=504, body=b"{}"))["error_category"] == "timeout"
-    assert exchange(seen(status=502, body=b"{}"))["error_category"] == "upstream_error"
+    assert record_of(seen(status=504, body=b"{}"))["error_category"] == "timeout"
+    assert record_of(seen(status=502, body=b"{}"))["error_category"] == "upstream_error"
 
 
 def test_a_responses_stream_is_its_final_response_object() -> None:
@@ -64,12 +70,12 @@ def test_a_responses_stream_is_its_final_response_object() -> None:
         ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
         ("response.completed", {"type": "response.completed", "response": RESPONSE}),
     )
-    record = check_record(exchange(seen(streaming=True, body=body)))
+    record = check_record(record_of(seen(streaming=True, body=body)))
     assert record["response"] == RESPONSE and record["response_raw"] == body.decode() and record["error_category"] is None
     incomplete = sse(("response.incomplete", {"type": "response.incomplete", "response": {**RESPONSE, "status": "incomplete"}}))
-    assert exchange(seen(streaming=True, body=incomplete))["error_category"] == "incomplete"
+    assert record_of(seen(streaming=True, body=incomplete))["error_category"] == "incomplete"
     cut = sse(("response.created", {"type": "response.created", "response": {**RESPONSE, "status": "in_progress"}}))
-    cut_record = exchange(seen(streaming=True, body=cut))
+    cut_record = record_of(seen(streaming=True, body=cut))
     assert cut_record["error_category"] == "stream_truncated" and cut_record["response"]["status"] == "in_progress"
 
 
@@ -85,7 +91,7 @@ def test_a_chat_stream_is_assembled_into_a_chat_completion() -> None:
         (None, {"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}}),
         (None, "[DONE]"),
     )
-    record = check_record(exchange(seen(dialect="chat", streaming=True, body=body)))
+    record = check_record(record_of(seen(dialect="chat", streaming=True, body=body)))
     response = record["response"]
     assert response["object"] == "chat.completion" and response["id"] == "chatcmpl-1" and response["usage"]["prompt_tokens"] == 5
     choice = response["choices"][0]
@@ -94,25 +100,35 @@ def test_a_chat_stream_is_assembled_into_a_chat_completion() -> None:
     assert choice["message"]["tool_calls"] == [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]
     assert record["error_category"] is None and record["response_raw"] == body.decode()
     without_done = body.replace(b"data: [DONE]\n\n", b"")
-    assert exchange(seen(dialect="chat", streaming=True, body=without_done))["error_category"] == "stream_truncated"
+    assert record_of(seen(dialect="chat", streaming=True, body=without_done))["error_category"] == "stream_truncated"
 
 
 def test_cut_oversized_and_unanswered_calls() -> None:
-    cut = check_record(exchange(seen(finished=False, ended_by="cancelled", body=b'{"id": "re')))
+    cut = check_record(record_of(seen(finished=False, ended_by="cancelled", body=b'{"id": "re')))
     assert cut["response"] is None and cut["error_category"] == "cancelled" and cut["response_raw"] == '{"id": "re'
-    big = check_record(exchange(seen(truncated=True, body=b'{"id": "resp_1", "output": [')))
+    big = check_record(record_of(seen(truncated=True, body=b'{"id": "resp_1", "output": [')))
     assert big["response"] is None and big["response_raw_truncated"] is True and big["error_category"] == "capture_truncated"
-    unanswered = check_record(exchange(seen(status=None, body=b"", ended_by="cancelled", ttft_ms=None)))
+    unanswered = check_record(record_of(seen(status=None, body=b"", ended_by="cancelled", ttft_ms=None)))
     assert unanswered["status_code"] is None and unanswered["error_category"] == "cancelled"
 
 
 def test_compressed_bodies_and_requests_that_are_not_json() -> None:
-    record = check_record(exchange(seen(body=gzip.compress(orjson.dumps(RESPONSE)), body_encoding="gzip",
+    record = check_record(record_of(seen(body=gzip.compress(orjson.dumps(RESPONSE)), body_encoding="gzip",
                                         request=gzip.compress(b'{"input":"hi"}'), request_encoding="gzip")))  # fmt: skip
     assert record["response"] == RESPONSE and record["request"] == {"input": "hi"}
-    assert exchange(seen(body=b"\x00", body_encoding="br"))["error_category"] == "capture_parse_error"
-    odd = check_record(exchange(seen(request=b"[1, 2]", server=None)))
+    assert record_of(seen(body=b"\x00", body_encoding="br"))["error_category"] == "capture_parse_error"
+    odd = check_record(record_of(seen(request=b"[1, 2]", server=None)))
     assert odd["request"] is None and odd["request_raw"] == "[1, 2]" and odd["model_ref"] is None
+
+
+def test_compressed_bodies_are_read_back_only_to_their_limit() -> None:
+    bomb = gzip.compress(b'{"input": "' + b"0" * (8 * LIMIT) + b'"}')  # 8 MiB from about 8 KB
+    assert len(bomb) < LIMIT // 64
+    record = check_record(record_of(seen(request=bomb, request_encoding="gzip", body=bomb, body_encoding="gzip")))
+    assert record["request"] is None and "request_raw" not in record
+    assert record["response"] is None and record["error_category"] == "capture_parse_error"
+    whole = check_record(record_of(seen(request=bomb, request_encoding="gzip"), limit=16 * LIMIT))
+    assert len(whole["request"]["input"]) == 8 * LIMIT
 
 
 @pytest.mark.parametrize(
@@ -152,7 +168,7 @@ def test_the_tee_passes_every_message_and_writes_a_record(tmp_path: Path) -> Non
         sent.append(message)
 
     async def main() -> None:
-        store = CaptureStore(str(tmp_path), "policy_model", max_bytes=1 << 20)
+        store = CaptureStore(str(tmp_path), "policy_model", max_bytes=1 << 20, max_request_bytes=1 << 20)
         scope = {"type": "http", "headers": [(b"x-session-id", b"s1")], "path": "/v1/responses"}
         await store.serve(app, scope, receive, send, "7-0", "responses")
         store.close()
@@ -165,10 +181,10 @@ def test_the_tee_passes_every_message_and_writes_a_record(tmp_path: Path) -> Non
 
 
 def test_a_failed_write_marks_the_rollout_incomplete(tmp_path: Path) -> None:
-    store = CaptureStore(str(tmp_path / "gone"), None, max_bytes=1024)
+    store = CaptureStore(str(tmp_path / "gone"), None, max_bytes=1024, max_request_bytes=1024)
     store._write("r1", seen())  # the directory does not exist: the append fails
     assert not (tmp_path / "gone").exists()
-    store = CaptureStore(str(tmp_path), None, max_bytes=1024)
+    store = CaptureStore(str(tmp_path), None, max_bytes=1024, max_request_bytes=1024)
     (tmp_path / "r2.capture.jsonl").mkdir()  # a directory where the file should be
     store._write("r2", seen())
     assert (tmp_path / "r2.capture.incomplete").exists()
